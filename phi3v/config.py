@@ -1,0 +1,224 @@
+"""Phi3VConfig: the frozen configuration of Phi-3.5-vision, built strictly from config.json.
+
+Matches `configuration_phi3_v.Phi3VConfig` of the reference remote code (PHI3V_SPEC §1). Only the
+variant that Phi-3.5-vision ships is implemented; any other value raises instead of being ignored.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+CLIP_NAME = "openai/clip-vit-large-patch14-336"
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP ViT-L/14-336 sizes (hard-coded in the reference; the tiny checkpoints override them)."""
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def grid(self) -> int:  # patches per crop side (24)
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class Phi3VConfig:
+    vocab_size: int = 32064
+    hidden_size: int = 3072
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 131072
+    original_max_position_embeddings: int = 4096
+    rope_short_factor: tuple[float, ...] = (1.0,) * 48
+    rope_long_factor: tuple[float, ...] = (1.0,) * 48
+    bos_token_id: int = 1
+    pad_token_id: int = 32000
+    # the image side
+    image_dim_out: int = 1024          # CLIP width fed to the 2x2 merge
+    num_img_tokens: int = 144          # merged tokens per crop (12x12)
+    clip_layer_idx: int = -2           # hidden_states[-2] = output of the second-to-last block
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    name_or_path: str = ""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rope_scale(self) -> float:
+        """sqrt(1 + ln(max/orig)/ln(orig)), applied to cos and sin in both regimes (PHI3V_SPEC §3.6)."""
+        s = self.max_position_embeddings / self.original_max_position_embeddings
+        return 1.0 if s <= 1.0 else math.sqrt(1 + math.log(s) / math.log(self.original_max_position_embeddings))
+
+    @property
+    def clip_layers_used(self) -> int:
+        """How many CLIP blocks run: hidden_states has num_layers+1 entries, we stop at clip_layer_idx."""
+        n = self.vision.num_hidden_layers
+        return (n + 1 + self.clip_layer_idx) if self.clip_layer_idx < 0 else self.clip_layer_idx
+
+    @classmethod
+    def from_dict(cls, d: dict, name_or_path: str = "") -> "Phi3VConfig":
+        """Validate a config.json dict and build the config; unsupported variants raise ValueError."""
+        where = f"config.json of {name_or_path!r}" if name_or_path else "config.json"
+
+        def bad(msg: str):
+            raise ValueError(f"{where}: {msg}")
+
+        mt = d.get("model_type")
+        if mt != "phi3_v":
+            bad(f"model_type is {mt!r}; only 'phi3_v' (Phi-3/3.5-vision) is supported")
+        hidden, heads = d.get("hidden_size", 3072), d.get("num_attention_heads", 32)
+        if hidden % heads:
+            bad(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+        kv = d.get("num_key_value_heads") or heads
+        if kv != heads:
+            bad(f"num_key_value_heads={kv} != num_attention_heads={heads}: grouped-query attention is not "
+                "part of Phi-3.5-vision and is not implemented")
+        if d.get("hidden_act", "silu") != "silu":
+            bad(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
+        if d.get("tie_word_embeddings", False):
+            bad("tie_word_embeddings=true is not supported (Phi-3.5-vision stores lm_head separately)")
+        for k in ("attention_dropout", "embd_pdrop", "resid_pdrop"):
+            if float(d.get(k, 0.0) or 0.0) != 0.0:
+                bad(f"{k}={d[k]} is not supported (only 0.0, as in Phi-3.5-vision)")
+
+        # LongRoPE ("su" in the remote code, "longrope" in newer transformers)
+        half = hidden // heads // 2
+        rs = d.get("rope_scaling")
+        if rs is None:
+            short = long = (1.0,) * half   # plain RoPE: both factor sets are 1
+        else:
+            if not isinstance(rs, dict):
+                bad(f"rope_scaling must be a dict, got {type(rs).__name__}")
+            kind = rs.get("type", rs.get("rope_type"))
+            if kind not in ("su", "longrope"):
+                bad(f"rope_scaling.type {kind!r} is not supported (only 'su'/'longrope')")
+            try:
+                short = tuple(float(x) for x in rs["short_factor"])
+                long = tuple(float(x) for x in rs["long_factor"])
+            except KeyError as e:
+                bad(f"rope_scaling lacks {e.args[0]!r}")
+            if len(short) != half or len(long) != half:
+                bad(f"rope_scaling factor lists must have head_dim/2 = {half} entries, got "
+                    f"{len(short)} short and {len(long)} long")
+
+        embd = d.get("embd_layer")
+        if not isinstance(embd, dict):
+            bad(f"embd_layer must be the image-embedding dict, got {embd!r}")
+        expect = {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                  "use_hd_transform": True, "with_learnable_separator": True}
+        for k, v in expect.items():
+            if embd.get(k, v) != v:
+                bad(f"embd_layer.{k}={embd.get(k)!r} is not supported (only {v!r})")
+        ip = d.get("img_processor")
+        if not isinstance(ip, dict):
+            bad(f"img_processor must be a dict, got {ip!r}")
+        if ip.get("model_name", CLIP_NAME) != CLIP_NAME:
+            bad(f"img_processor.model_name {ip.get('model_name')!r} is not supported (only {CLIP_NAME!r})")
+        if ip.get("type_feature", "patch") != "patch":
+            bad(f"img_processor.type_feature {ip.get('type_feature')!r} is not supported (only 'patch')")
+        layer_idx = int(ip.get("layer_idx", -2))
+
+        vc = d.get("vision_config")
+        if vc is None:
+            vision = VisionConfig()
+        else:
+            if vc.get("hidden_act", "quick_gelu") != "quick_gelu":
+                bad(f"vision_config.hidden_act {vc['hidden_act']!r} is not supported (only 'quick_gelu')")
+            vision = VisionConfig(
+                hidden_size=vc.get("hidden_size", 1024), intermediate_size=vc.get("intermediate_size", 4096),
+                num_hidden_layers=vc.get("num_hidden_layers", 24),
+                num_attention_heads=vc.get("num_attention_heads", 16), image_size=vc.get("image_size", 336),
+                patch_size=vc.get("patch_size", 14), layer_norm_eps=vc.get("layer_norm_eps", 1e-5))
+        if vision.image_size != 336 or vision.grid % 2:
+            bad(f"CLIP image_size {vision.image_size} / patch {vision.patch_size} must give 336 px crops "
+                "with an even patch grid")
+        dim_out = ip.get("image_dim_out", vision.hidden_size)
+        if dim_out != vision.hidden_size:
+            bad(f"img_processor.image_dim_out={dim_out} differs from the CLIP width {vision.hidden_size}")
+        used = vision.num_hidden_layers + 1 + layer_idx if layer_idx < 0 else layer_idx
+        if not 1 <= used <= vision.num_hidden_layers:
+            bad(f"img_processor.layer_idx={layer_idx} is out of range for {vision.num_hidden_layers} CLIP layers")
+
+        orig = d.get("original_max_position_embeddings", 4096)
+        return cls(
+            vocab_size=d.get("vocab_size", 32064), hidden_size=hidden,
+            intermediate_size=d.get("intermediate_size", 8192), num_hidden_layers=d.get("num_hidden_layers", 32),
+            num_attention_heads=heads, rms_norm_eps=d.get("rms_norm_eps", 1e-5),
+            rope_theta=float(d.get("rope_theta", 10000.0)),
+            max_position_embeddings=d.get("max_position_embeddings", orig), original_max_position_embeddings=orig,
+            rope_short_factor=short, rope_long_factor=long, bos_token_id=d.get("bos_token_id", 1),
+            pad_token_id=d.get("pad_token_id", 32000) if d.get("pad_token_id") is not None else 32000,
+            image_dim_out=dim_out, num_img_tokens=ip.get("num_img_tokens", 144), clip_layer_idx=layer_idx,
+            vision=vision, name_or_path=name_or_path or d.get("_name_or_path", ""))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Phi3VConfig":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no config.json at {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, name_or_path=str(path.parent))
+
+    def to_dict(self) -> dict:
+        """The official config.json layout (what save_pretrained writes)."""
+        d = {
+            "_name_or_path": self.name_or_path or "phi3v", "architectures": ["Phi3VForCausalLM"],
+            "auto_map": {"AutoConfig": "configuration_phi3_v.Phi3VConfig",
+                         "AutoModelForCausalLM": "modeling_phi3_v.Phi3VForCausalLM"},
+            "model_type": "phi3_v", "attention_dropout": 0.0, "bos_token_id": self.bos_token_id,
+            "embd_layer": {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
+                           "use_hd_transform": True, "with_learnable_separator": True},
+            "embd_pdrop": 0.0, "eos_token_id": 2, "hidden_act": "silu", "hidden_size": self.hidden_size,
+            "img_processor": {"image_dim_out": self.image_dim_out, "model_name": CLIP_NAME,
+                              "name": "clip_vision_model", "num_img_tokens": self.num_img_tokens},
+            "initializer_range": 0.02, "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "num_attention_heads": self.num_attention_heads, "num_hidden_layers": self.num_hidden_layers,
+            "num_key_value_heads": self.num_attention_heads,
+            "original_max_position_embeddings": self.original_max_position_embeddings,
+            "pad_token_id": self.pad_token_id, "resid_pdrop": 0.0, "rms_norm_eps": self.rms_norm_eps,
+            "rope_scaling": {"long_factor": list(self.rope_long_factor),
+                             "short_factor": list(self.rope_short_factor), "type": "su"},
+            "rope_theta": self.rope_theta, "sliding_window": 262144, "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16", "transformers_version": "4.38.1", "use_cache": True,
+            "vocab_size": self.vocab_size,
+        }
+        if self.clip_layer_idx != -2:
+            d["img_processor"]["layer_idx"] = self.clip_layer_idx
+        if self.vision != VisionConfig():
+            v = self.vision
+            d["vision_config"] = {
+                "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": v.hidden_size,
+                "image_size": v.image_size, "intermediate_size": v.intermediate_size,
+                "layer_norm_eps": v.layer_norm_eps, "num_attention_heads": v.num_attention_heads,
+                "num_channels": 3, "num_hidden_layers": v.num_hidden_layers, "patch_size": v.patch_size,
+                "projection_dim": 768}
+        return d
+
+    @classmethod
+    def tiny(cls, **overrides) -> "Phi3VConfig":
+        """A small config with the real architecture (for tests, the demo and benchmarks on CPU)."""
+        base = cls(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=8192, original_max_position_embeddings=256,
+                   rope_short_factor=(1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 3.5),
+                   rope_long_factor=(1.2, 1.5, 1.9, 2.4, 3.0, 3.6, 4.2, 4.8), image_dim_out=32,
+                   vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2))
+        return replace(base, **overrides)

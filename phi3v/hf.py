@@ -1,0 +1,262 @@
+"""The one key map between the official HF checkpoint and our modules; strict loading and saving.
+
+HF leaf names are kept, so the map is a list of prefix renames (both directions). Keys the forward
+never uses (the last CLIP block(s) and CLIP post_layernorm) are listed, kept aside in
+`model.hf_extras` and written back on export, so a load -> save round trip is lossless.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import Phi3VConfig
+
+# (HF prefix, our prefix), most specific first
+PREFIXES = [
+    ("model.vision_embed_tokens.img_processor.vision_model.", "vision.clip."),
+    ("model.vision_embed_tokens.", "vision."),
+    ("lm_head.", "lm_head."),
+    ("model.", ""),
+]
+CLIP_HF = PREFIXES[0][0]
+# an alias some re-saves contain: the image module's handle on the token embedding
+ALIASES = {"model.vision_embed_tokens.wte.weight": "model.embed_tokens.weight"}
+
+
+def to_ours(hf_key: str) -> str:
+    for hf, ours in PREFIXES:
+        if hf_key.startswith(hf):
+            return ours + hf_key[len(hf):]
+    raise KeyError(f"checkpoint key {hf_key!r} is not part of Phi-3.5-vision (no rule in the key map)")
+
+
+def to_hf(key: str) -> str:
+    for hf, ours in PREFIXES:
+        if key.startswith(ours):
+            return hf + key[len(ours):]
+    raise KeyError(key)  # unreachable: the last rule matches everything
+
+
+def is_unused(cfg: Phi3VConfig, hf_key: str) -> bool:
+    """CLIP blocks after the one whose output is used, and CLIP post_layernorm."""
+    if not hf_key.startswith(CLIP_HF):
+        return False
+    rest = hf_key[len(CLIP_HF):]
+    if rest.startswith("post_layernorm."):
+        return True
+    m = re.match(r"encoder\.layers\.(\d+)\.", rest)
+    return bool(m) and int(m.group(1)) >= cfg.clip_layers_used
+
+
+def unused_shapes(cfg: Phi3VConfig) -> dict[str, tuple[int, ...]]:
+    """HF names and shapes of the unused tensors a checkpoint of this config carries."""
+    v = cfg.vision
+    d, i = v.hidden_size, v.intermediate_size
+    out = {CLIP_HF + "post_layernorm.weight": (d,), CLIP_HF + "post_layernorm.bias": (d,)}
+    for j in range(cfg.clip_layers_used, v.num_hidden_layers):
+        p = f"{CLIP_HF}encoder.layers.{j}."
+        for n in ("layer_norm1", "layer_norm2"):
+            out[p + n + ".weight"], out[p + n + ".bias"] = (d,), (d,)
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            out[p + f"self_attn.{n}.weight"], out[p + f"self_attn.{n}.bias"] = (d, d), (d,)
+        out[p + "mlp.fc1.weight"], out[p + "mlp.fc1.bias"] = (i, d), (i,)
+        out[p + "mlp.fc2.weight"], out[p + "mlp.fc2.bias"] = (d, i), (d,)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+def resolve(path_or_hub_id: str | Path, patterns: list[str] | None = None) -> Path:
+    """A local checkpoint directory, or a hub id downloaded (with progress) by huggingface_hub."""
+    p = Path(path_or_hub_id).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_hub_id)
+    if p.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", s):
+        raise FileNotFoundError(f"{s!r} is neither a checkpoint directory nor a hub id like "
+                                "'microsoft/Phi-3.5-vision-instruct'")
+    from huggingface_hub import snapshot_download
+    return Path(snapshot_download(s, allow_patterns=patterns or ["*.json", "*.safetensors"]))
+
+
+def checkpoint_files(d: Path) -> dict[str, Path]:
+    """HF key -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {k: d / f for k, f in wm.items()}
+        for f in set(files.values()):
+            if not f.exists():
+                raise FileNotFoundError(f"{index} names shard {f.name}, which is missing")
+        return files
+    single = d / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{d} has neither model.safetensors nor model.safetensors.index.json")
+    with _open(single) as f:
+        return {k: single for k in f.keys()}
+
+
+def _open(path: Path):
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+        raise ValueError(f"{path}: cannot read safetensors file (corrupted or truncated?): {e}") from None
+
+
+def read_tensors(files: dict[str, Path]) -> dict[str, torch.Tensor]:
+    by_file: dict[Path, list[str]] = {}
+    for k, f in files.items():
+        by_file.setdefault(f, []).append(k)
+    out = {}
+    for f, keys in by_file.items():
+        with _open(f) as h:
+            present = set(h.keys())
+            for k in keys:
+                if k not in present:
+                    raise ValueError(f"{f}: the index places {k!r} in this shard but it is not there")
+                try:
+                    out[k] = h.get_tensor(k)
+                except Exception as e:
+                    raise ValueError(f"{f}: cannot read tensor {k!r} (corrupted or truncated?): {e}") from None
+    return out
+
+
+def load_state(model: torch.nn.Module, hf_tensors: dict[str, torch.Tensor], dtype, device) -> None:
+    """Strictly assign HF-named tensors to `model`; extras the forward never uses go to hf_extras."""
+    cfg = model.config
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    ours, extras = {}, {}
+    for hk, t in hf_tensors.items():
+        if hk in ALIASES:
+            continue
+        if is_unused(cfg, hk):
+            want = unused_shapes(cfg).get(hk)
+            if want is None or tuple(t.shape) != want:
+                raise ValueError(f"unexpected checkpoint tensor {hk!r} with shape {list(t.shape)}")
+            extras[hk] = t.to(dtype)
+            continue
+        k = to_ours(hk)
+        if k not in expected:
+            raise ValueError(f"unexpected checkpoint tensor {hk!r} (shape {list(t.shape)}): the model has no {k!r}")
+        if tuple(t.shape) != expected[k]:
+            raise ValueError(f"checkpoint tensor {hk!r} has shape {list(t.shape)}, the model expects "
+                             f"{list(expected[k])} (config.json does not match the weights?)")
+        ours[k] = t.to(device=device, dtype=dtype)
+    missing = [to_hf(k) for k in expected if k not in ours]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                         + (" ..." if len(missing) > 8 else ""))
+    model.load_state_dict(ours, strict=True, assign=True)
+    model.hf_extras = extras
+
+
+def load_pretrained(path_or_hub_id, dtype=torch.float32, device="cpu"):
+    from .model import Phi3V
+    d = resolve(path_or_hub_id)
+    cfg = Phi3VConfig.from_json(d / "config.json")
+    tensors = read_tensors(checkpoint_files(d))
+    with torch.device("meta"):
+        model = Phi3V(cfg)
+    load_state(model, tensors, dtype, torch.device(device))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """Our parameters under official HF names, plus the unused-but-official extras."""
+    sd = {}
+    for k, t in model.state_dict().items():
+        if ".base_layer." in k or ".lora_" in k or "quant" in k:
+            raise ValueError(f"{k!r}: merge LoRA (phi3v.merge_lora) / dequantise before exporting HF weights")
+        sd[to_hf(k)] = t
+    extras = model.hf_extras or default_extras(model.config, model.dtype)
+    sd.update({k: v.to(model.dtype) for k, v in extras.items()})
+    return sd
+
+
+def default_extras(cfg: Phi3VConfig, dtype) -> dict[str, torch.Tensor]:
+    """Placeholders for the unused tensors of a model that was never loaded (identity LN, zeros)."""
+    return {k: (torch.ones(s) if k.endswith("norm.weight") or re.search(r"layer_norm\d\.weight$", k)
+                else torch.zeros(s)).to(dtype) for k, s in unused_shapes(cfg).items()}
+
+
+def save_pretrained(model, out_dir, max_shard_size: int = 5 * 10 ** 9) -> None:
+    """Official layout: config.json, generation_config.json, model.safetensors or shards + index.
+
+    Written into a temporary directory beside out_dir and moved into place file by file, so an
+    interrupted save never leaves a half-written shard under the final name.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in hf_state_dict(model).items()}
+    # safetensors refuses tensors sharing storage: give every tensor its own (no shared-tensor crash)
+    seen = set()
+    for k, v in sd.items():
+        ptr = v.untyped_storage().data_ptr()
+        if ptr in seen:
+            sd[k] = v.clone()
+        seen.add(ptr)
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_size:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += n
+    shards.append(cur)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-save-", dir=out))
+    try:
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, shard in zip(names, shards):
+            save_file(shard, str(tmp / name), metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in sd.values())},
+                     "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        cfg = model.config.to_dict()
+        cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(
+            {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": [32007, 32000],
+             "pad_token_id": model.config.pad_token_id}, indent=2))
+        # remove stale weights from an earlier save with another shard count, then move in
+        for old in list(out.glob("model*.safetensors")) + list(out.glob("model.safetensors.index.json")):
+            if not (tmp / old.name).exists():
+                old.unlink()
+        for f in sorted(tmp.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def init_weights(model, seed: int = 0) -> None:
+    """Deterministic random init for a model built from a config (demo/tests/benchmarks).
+
+    Scaled so every block changes the output (not the near-uniform attention of a flat 0.02 init).
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or re.search(r"(layer_norm\d|layrnorm)\.weight$", name):
+            p.copy_(1 + 0.02 * torch.randn(p.shape, generator=g))
+        elif name.endswith("bias"):
+            p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        elif p.dim() >= 2 and "embed" not in name:
+            fan_in = math.prod(p.shape[1:])
+            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
+        else:  # embeddings, separators, class embedding
+            p.copy_(0.5 * torch.randn(p.shape, generator=g))

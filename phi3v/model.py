@@ -1,0 +1,349 @@
+"""Phi-3.5-vision: the Phi-3-mini decoder with LongRoPE and the HD image embedding spliced in.
+
+Matches `Phi3VForCausalLM` of microsoft/Phi-3.5-vision-instruct's remote `modeling_phi3_v.py`
+(PHI3V_SPEC §3, §5.7, §8). Shapes: B batch, T tokens (this call), S keys (cache + T), D hidden,
+H heads, hd head dim, V vocab.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Phi3VConfig
+from .vision import ImageEmbedding, check_image_inputs
+
+MAX_INPUT_ID = int(1e9)   # image placeholders are ids in (-1e9, 0)
+STOP_IDS = (32007, 32000)  # <|end|>, <|endoftext|>
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32, cast back to the input dtype *before* the weight multiply (reference order)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(cfg: Phi3VConfig, position_ids: torch.Tensor, long: torch.Tensor | bool, dtype: torch.dtype):
+    """LongRoPE tables for positions [B, T] -> cos, sin [B, T, hd] in `dtype`.
+
+    `long` picks the factor set, for the whole call (a bool, the reference) or per token ([B, T] bool,
+    packed training). Computed in fp32 exactly as the reference: inv_freq = 1/(ext * theta^(2i/hd)),
+    freqs = inv_freq * pos, and both cos and sin scaled by sqrt(1 + ln(max/orig)/ln(orig)).
+    """
+    dev = position_ids.device
+    hd = cfg.head_dim
+    with torch.autocast(device_type=dev.type, enabled=False):
+        exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=dev).float() / hd
+        base = cfg.rope_theta ** exponent                                          # [hd/2]
+        pos = position_ids.float()[..., None]                                      # [B, T, 1]
+        short = pos * (1.0 / (torch.tensor(cfg.rope_short_factor, dtype=torch.float32, device=dev) * base))
+        if isinstance(long, bool):
+            freqs = pos * (1.0 / (torch.tensor(cfg.rope_long_factor, dtype=torch.float32, device=dev) * base)) \
+                if long else short
+        else:
+            lng = pos * (1.0 / (torch.tensor(cfg.rope_long_factor, dtype=torch.float32, device=dev) * base))
+            freqs = torch.where(long[..., None], lng, short)                       # [B, T, hd/2]
+        emb = torch.cat([freqs, freqs], dim=-1)                                    # [B, T, hd]
+        s = cfg.rope_scale
+        return (emb.cos() * s).to(dtype), (emb.sin() * s).to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, hd]; cos/sin [B, T, hd]; NeoX-style rotate_half over the full head dim."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class KVCache:
+    """Preallocated per-layer key/value buffers [B, H, max_len, hd]; `length` keys are valid."""
+
+    def __init__(self, n_layers: int, batch: int, heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (batch, heads, max_len, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.length = 0      # keys stored by all layers after the last completed call
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        s, e = self.length, self.length + k.shape[2]
+        if e > self.k[layer].shape[2]:
+            raise ValueError(f"KV cache overflow: {e} tokens > capacity {self.k[layer].shape[2]}")
+        self.k[layer][:, :, s:e] = k
+        self.v[layer][:, :, s:e] = v
+        return self.k[layer][:, :, :e], self.v[layer][:, :, :e]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Phi3VConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=False)
+        self.o_proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        b, t, d = x.shape
+        qkv = self.qkv_proj(x).view(b, t, 3, self.n_heads, self.head_dim)  # q | k | v along the 3*D dim
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                    # each [B, H, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                # [B, H, S, hd]
+        if isinstance(mask, str):   # "causal": no padding, no past keys
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, d))             # [B, T, D]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: Phi3VConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)   # first half is the gate
+        return self.down_proj(up * F.silu(gate))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Phi3VConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@dataclass
+class Phi3VOutput:
+    hidden_states: torch.Tensor              # [B, T, D] after the final norm
+    logits: torch.Tensor | None = None       # [B, T, V] float32
+    loss: torch.Tensor | None = None
+
+
+def doc_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids [B, T] (>= 0) -> length of each token's document [B, T]."""
+    counts = torch.zeros(doc_ids.shape[0], int(doc_ids.max()) + 1, dtype=torch.long, device=doc_ids.device)
+    counts.scatter_add_(1, doc_ids, torch.ones_like(doc_ids))
+    return counts.gather(1, doc_ids)
+
+
+class Phi3V(nn.Module):
+    """Phi-3.5-vision for causal LM. Module names follow HF's leaf names (hf.py maps the prefixes)."""
+
+    def __init__(self, cfg: Phi3VConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.vision = ImageEmbedding(cfg)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        # checkpoint tensors the forward never uses (last CLIP block, CLIP post-LN), kept for export
+        self.hf_extras: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------------------------
+    # construction and I/O (implemented in hf.py; thin wrappers so users call model methods)
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "Phi3V":
+        from .hf import load_pretrained
+        return load_pretrained(path_or_hub_id, dtype=dtype, device=device)
+
+    def save_pretrained(self, out_dir: str | Path, max_shard_size: int = 5 * 10 ** 9) -> None:
+        from .hf import save_pretrained
+        save_pretrained(self, out_dir, max_shard_size=max_shard_size)
+
+    @classmethod
+    def from_config(cls, cfg: Phi3VConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> "Phi3V":
+        """A randomly initialised model (the demo, tests, benchmarks); deterministic for a seed."""
+        from .hf import init_weights
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.to_empty(device=device)
+        init_weights(model, seed)
+        return model.to(dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # ----------------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_sizes=None) -> torch.Tensor:
+        """Token embeddings [B, T, D] with projected image features written at the placeholder ids."""
+        is_img = (input_ids < 0) & (input_ids > -MAX_INPUT_ID)
+        ids = input_ids.clamp(0, self.config.vocab_size - 1)     # a copy: the caller's ids stay negative
+        x = self.embed_tokens(ids)
+        n_pos = int(is_img.sum())
+        if n_pos == 0:
+            return x
+        if pixel_values is None or image_sizes is None:
+            raise ValueError(f"input_ids hold {n_pos} image placeholder positions but pixel_values/image_sizes "
+                             "were not given")
+        counts = check_image_inputs(self.config, pixel_values, image_sizes)
+        if sum(counts) != n_pos:
+            raise ValueError(f"input_ids hold {n_pos} image placeholder positions but the {len(counts)} image(s) "
+                             f"give {sum(counts)} features ({counts}); each <|image_k|> run must have exactly "
+                             "the processor's token count, and images must be in placeholder order")
+        feats = self.vision(pixel_values.to(self.device), image_sizes)      # [n_pos, D]
+        # k-th placeholder in row-major order gets the k-th feature row (the ids' values are ignored)
+        return x.index_put(torch.nonzero(is_img, as_tuple=True), feats.to(x.dtype))
+
+    def decoder(self, x: torch.Tensor, position_ids: torch.Tensor, long, mask, cache: KVCache | None = None):
+        cos, sin = rope_cos_sin(self.config, position_ids, long, x.dtype)
+        for i, block in enumerate(self.layers):
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache, i)
+        return self.norm(x)
+
+    def hidden(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+               position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
+        """The reference forward up to the final norm: hidden states [B, T, D].
+
+        The LongRoPE factor set is chosen for the whole call from the total key length (cache + T),
+        as the reference's eager attention does. Without position_ids positions are arange from the
+        cache length for every row (also with left padding, like the reference).
+        """
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        x = self.embed(input_ids, pixel_values, image_sizes)
+        s = past + t
+        long = s > self.config.original_max_position_embeddings
+        if attention_mask is not None and not bool(attention_mask.all()):
+            if attention_mask.shape != (b, s):
+                raise ValueError(f"attention_mask must be [B, cache+T] = [{b}, {s}], got {list(attention_mask.shape)}")
+            # additive mask with finfo.min (as the reference): fully masked rows stay finite
+            keep = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(past)[None] & attention_mask.bool()[:, None]
+            mask = torch.zeros(b, 1, t, s, dtype=x.dtype, device=x.device)
+            mask.masked_fill_(~keep[:, None], torch.finfo(x.dtype).min)
+        elif past == 0:
+            mask = "causal" if t > 1 else None
+        else:
+            mask = None if t == 1 else torch.ones(t, s, dtype=torch.bool, device=x.device).tril(past)
+        h = self.decoder(x, position_ids, long, mask, cache)
+        if cache is not None:
+            cache.length = s
+        return h
+
+    def hidden_packed(self, input_ids, doc_ids, position_ids=None, pixel_values=None, image_sizes=None):
+        """Training forward on padded or packed rows -> hidden states [B, T, D].
+
+        doc_ids [B, T] numbers the samples inside each row (padding is its own document). Tokens attend
+        causally within their own document only; positions restart at 0 in every document, and each
+        document picks short/long LongRoPE factors from its own length, so a sample gives the same
+        result packed, padded or alone.
+        """
+        doc_ids = doc_ids.to(input_ids.device).long()
+        if position_ids is None:
+            first = torch.ones_like(doc_ids, dtype=torch.bool)
+            first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
+            start = torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), dim=1).values
+            position_ids = idx - start
+        long = doc_lengths(doc_ids) > self.config.original_max_position_embeddings
+        x = self.embed(input_ids, pixel_values, image_sizes)
+        if bool((doc_ids == doc_ids[:, :1]).all()):
+            mask = "causal"          # one document per row: plain causal attention (flash kernels)
+        else:
+            same = doc_ids[:, :, None] == doc_ids[:, None, :]
+            mask = (same & torch.ones_like(same[0]).tril())[:, None]        # [B, 1, T, T] block-causal
+        return self.decoder(x, position_ids, long, mask)
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, labels=None,
+                position_ids=None) -> Phi3VOutput:
+        """Reference-compatible forward: hidden states, float32 logits, and the shifted mean CE loss."""
+        h = self.hidden(input_ids, attention_mask, pixel_values, image_sizes, position_ids)
+        logits = self.lm_head(h).float()
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return Phi3VOutput(hidden_states=h, logits=logits, loss=loss)
+
+    # ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+                 max_new_tokens: int = 64, do_sample: bool = False, temperature: float = 1.0,
+                 top_p: float = 1.0, stop_ids=STOP_IDS, generator: torch.Generator | None = None) -> torch.Tensor:
+        """KV-cached decoding; returns only the new ids [B, n_new] (rows that stopped are padded).
+
+        Batched prompts must be left-padded; with a mask, positions are cumsum(mask) - 1 (1 at padding).
+        Images are encoded at prefill only. When the sequence crosses original_max_position_embeddings
+        the cache is dropped once and everything is re-run with the long factors (Phi-3.5's rule).
+        """
+        b, t0 = input_ids.shape
+        dev = self.device
+        ids = input_ids.to(dev)
+        mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(dev).long()
+        pad = self.config.pad_token_id
+        orig = self.config.original_max_position_embeddings
+        cache = KVCache(len(self.layers), b, self.config.num_attention_heads, t0 + max_new_tokens,
+                        self.config.head_dim, self.dtype, dev)
+        done = torch.zeros(b, dtype=torch.bool, device=dev)
+        out = []
+        for _ in range(max_new_tokens):
+            total = ids.shape[1]
+            if 0 < cache.length <= orig < total:
+                cache.length = 0     # crossing into the long regime: recompute with long factors
+            new = ids[:, cache.length:]
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, cache.length:]
+            h = self.hidden(new, mask if not bool(mask.all()) else None,
+                            pixel_values if cache.length == 0 else None,
+                            image_sizes if cache.length == 0 else None, pos, cache)
+            logits = self.lm_head(h[:, -1]).float()                       # [B, V]
+            if do_sample:
+                nxt = sample_top_p(logits / max(temperature, 1e-5), top_p, generator)
+            else:
+                nxt = logits.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out.append(nxt)
+            done |= torch.isin(nxt, torch.tensor(list(stop_ids), device=dev))
+            if bool(done.all()):
+                break
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        return torch.stack(out, dim=1) if out else ids.new_zeros(b, 0)
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, generator=None) -> torch.Tensor:
+    """Nucleus sampling over logits [B, V] -> ids [B]."""
+    probs = logits.softmax(-1)
+    if top_p < 1.0:
+        sp, si = probs.sort(-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p          # keep the smallest prefix with mass >= top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+@contextlib.contextmanager
+def no_init():
+    """Build modules on the meta device (no memory, no random init)."""
+    with torch.device("meta"):
+        yield
