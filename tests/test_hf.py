@@ -1,0 +1,155 @@
+"""The key map, strict loading, saving in the official layout, and config validation."""
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from phi3v import Phi3V, Phi3VConfig
+from phi3v.hf import is_unused, to_hf, to_ours, unused_shapes
+
+
+def hf_keys(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_key_map_covers_real_checkpoint(golden_dir):
+    """Every key of the official 592-tensor index maps to our model or is a listed unused extra."""
+    index = json.loads((golden_dir / "real-layout" / "model.safetensors.index.json").read_text())
+    keys = set(index["weight_map"])
+    assert len(keys) == 592
+    cfg = Phi3VConfig()                                          # the real sizes
+    with torch.device("meta"):
+        model = Phi3V(cfg)
+    ours = set(model.state_dict())
+    used = {k for k in keys if not is_unused(cfg, k)}
+    assert {to_ours(k) for k in used} == ours                  # bijection on the used keys
+    assert {to_hf(k) for k in ours} == used
+    assert keys - used == set(unused_shapes(cfg))               # layer 23 + post_layernorm
+    assert sum(p.numel() for p in model.parameters()) + sum(
+        torch.Size(s).numel() for s in unused_shapes(cfg).values()) == 4_146_621_440
+
+
+def test_unknown_key_raises():
+    with pytest.raises(KeyError, match="not part of Phi-3.5-vision"):
+        to_ours("transformer.h.0.attn.weight")
+
+
+def test_round_trip_every_key(tiny_ckpt, tmp_path):
+    model = Phi3V.from_pretrained(tiny_ckpt)
+    model.save_pretrained(tmp_path / "out")
+    orig, saved = hf_keys(tiny_ckpt / "model.safetensors"), hf_keys(tmp_path / "out" / "model.safetensors")
+    assert set(orig) == set(saved)
+    for k in orig:
+        assert torch.equal(orig[k], saved[k]), k
+    again = Phi3V.from_pretrained(tmp_path / "out")
+    for (k, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), k
+    a, b = Phi3VConfig.from_json(tmp_path / "out"), Phi3VConfig.from_json(tiny_ckpt)
+    assert dataclasses.replace(a, name_or_path="") == dataclasses.replace(b, name_or_path="")
+
+
+def test_sharded_save_and_load(tiny_ckpt, tmp_path):
+    model = Phi3V.from_pretrained(tiny_ckpt)
+    model.save_pretrained(tmp_path, max_shard_size=4_000_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
+    assert all((tmp_path / s).exists() for s in shards)
+    assert set(index["weight_map"]) == set(hf_keys(tiny_ckpt / "model.safetensors"))
+    again = Phi3V.from_pretrained(tmp_path)
+    for a, b in zip(model.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    # a later single-file save removes the stale shards
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("model-*"))
+
+
+def test_load_dtype(tiny_ckpt):
+    m = Phi3V.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
+    assert all(t.dtype == torch.bfloat16 for t in m.hf_extras.values())
+
+
+def copy_ckpt(tiny_ckpt, dst):
+    shutil.copytree(tiny_ckpt, dst)
+    for f in dst.iterdir():
+        f.chmod(0o644)
+    return dst
+
+
+def rewrite(dst, fn):
+    sd = load_file(str(dst / "model.safetensors"))
+    fn(sd)
+    save_file(sd, str(dst / "model.safetensors"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.pop("model.layers.1.mlp.down_proj.weight"), "missing 1 tensor.*model.layers.1.mlp.down_proj"),
+    (lambda sd: sd.__setitem__("model.layers.0.extra.weight", torch.zeros(2)), "unexpected.*model.layers.0.extra"),
+    (lambda sd: sd.__setitem__("model.norm.weight", torch.zeros(65)), "model.norm.weight.*shape"),
+    (lambda sd: sd.__setitem__("foo.bar", torch.zeros(2)), "foo.bar"),
+])
+def test_strict_loading(tiny_ckpt, tmp_path, change, message):
+    dst = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    rewrite(dst, change)
+    with pytest.raises((ValueError, KeyError), match=message):
+        Phi3V.from_pretrained(dst)
+
+
+def test_truncated_and_corrupt_safetensors(tiny_ckpt, tmp_path):
+    dst = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    data = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="model.safetensors.*(corrupted or truncated)"):
+        Phi3V.from_pretrained(dst)
+    (dst / "model.safetensors").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match="cannot read safetensors"):
+        Phi3V.from_pretrained(dst)
+
+
+def test_missing_files(tmp_path, tiny_ckpt):
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint directory nor a hub id"):
+        Phi3V.from_pretrained(tmp_path / "nope" / "deeper")
+    dst = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    (dst / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Phi3V.from_pretrained(dst)
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "x.safetensors"}}))
+    with pytest.raises(FileNotFoundError, match="x.safetensors"):
+        Phi3V.from_pretrained(dst)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"model_type": "phi3"}, "model_type"),
+    ({"rope_scaling": {"type": "yarn", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}}, "yarn"),
+    ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 7, "long_factor": [1.0] * 8}}, "entries"),
+    ({"num_key_value_heads": 2}, "grouped-query"),
+    ({"embd_layer": {"embedding_cls": "image", "hd_transform_order": "glb_sub", "projection_cls": "mlp",
+                     "use_hd_transform": True, "with_learnable_separator": True}}, "hd_transform_order"),
+    ({"img_processor": {"image_dim_out": 32, "model_name": "openai/clip-vit-base-patch32",
+                        "name": "clip_vision_model", "num_img_tokens": 144}}, "model_name"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_unsupported_config_raises(tiny_ckpt, edit, message):
+    d = json.loads((tiny_ckpt / "config.json").read_text())
+    d.update(edit)
+    with pytest.raises(ValueError, match=message):
+        Phi3VConfig.from_dict(d)
+
+
+def test_config_values(tiny_ckpt):
+    cfg = Phi3VConfig.from_json(tiny_ckpt)
+    assert cfg.head_dim == 16 and cfg.clip_layers_used == 1 and cfg.vision.hidden_size == 32
+    assert abs(cfg.rope_scale - 1.274754878398196) < 1e-12
+    assert abs(Phi3VConfig().rope_scale - 1.1902380714238083) < 1e-12
+    d = json.loads((tiny_ckpt / "config.json").read_text())
+    d["rope_scaling"]["type"] = "longrope"                         # newer transformers' spelling
+    assert Phi3VConfig.from_dict(d).rope_long_factor == cfg.rope_long_factor
+    with pytest.raises(Exception):
+        cfg.hidden_size = 3                                        # frozen
