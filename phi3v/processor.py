@@ -102,7 +102,7 @@ def _describe(image) -> str:
     name = getattr(image, "filename", "") if isinstance(image, Image.Image) else ""
     if isinstance(image, (str, os.PathLike)):
         name = os.fspath(image)
-    return f"image file {name!r}" if name else f"image {type(image).__name__}"
+    return f"image file {name!r}" if name else "in-memory image"
 
 
 def load_rgb(image) -> Image.Image:
@@ -161,8 +161,12 @@ class ImageProcessor:
         hd[top:top + new_h] = np.asarray(img)
         return hd.transpose(1, 0, 2) if transposed else hd  # [H, W, 3]
 
-    def preprocess(self, image) -> tuple[torch.Tensor, tuple[int, int], int]:
-        """One image -> (pixel_values `[C+1, 3, 336, 336]`, (H, W), number of image tokens)."""
+    def preprocess(self, image, out: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, tuple[int, int], int]:
+        """One image -> (pixel_values `[C+1, 3, 336, 336]`, (H, W), number of image tokens).
+
+        `out`, if given, is the float32 `[C+1, 3, 336, 336]` tensor to write the crops into.
+        """
         hd = self.hd_image(image)
         H, W = hd.shape[:2]
         h, w = H // CROP, W // CROP
@@ -170,7 +174,8 @@ class ImageProcessor:
         for c in range(3):  # uint8 -> normalised float32 by table lookup
             np.take(self._table[c], hd[..., c], out=full[c])
         full = torch.from_numpy(full)  # [3, H, W]
-        out = torch.empty(self.num_crops + 1, 3, CROP, CROP)
+        if out is None:
+            out = torch.empty(self.num_crops + 1, 3, CROP, CROP)
         # global view: bicubic (no antialias) of the normalised padded image, overshoot kept
         out[0] = F.interpolate(full[None], size=(CROP, CROP), mode="bicubic", align_corners=False)[0]
         # [3, h*336, w*336] -> [3, h, 336, w, 336] -> [h, w, 3, 336, 336]: row-major crops
@@ -185,9 +190,14 @@ class ImageProcessor:
             images = [images]
         if len(images) == 0:
             raise ValueError("no images given")
-        pixels, sizes, counts = zip(*(self.preprocess(im) for im in images))
+        pixels = torch.empty(len(images), self.num_crops + 1, 3, CROP, CROP)
+        sizes, counts = [], []
+        for image, out in zip(images, pixels):  # each image writes its own [C+1, 3, 336, 336] slice
+            _, size, count = self.preprocess(image, out=out)
+            sizes.append(size)
+            counts.append(count)
         return {
-            "pixel_values": torch.stack(pixels),                       # [N, C+1, 3, 336, 336]
+            "pixel_values": pixels,                                    # [N, C+1, 3, 336, 336]
             "image_sizes": torch.tensor(sizes, dtype=torch.int64),     # [N, 2] (H, W)
             "num_img_tokens": torch.tensor(counts, dtype=torch.int64),  # [N]
         }

@@ -1,6 +1,7 @@
 """Processor parity with the reference (../shared/golden) and its handling of bad input."""
 import io
 import json
+import pickle
 import subprocess
 import sys
 
@@ -301,6 +302,13 @@ def test_num_crops_override_and_save(golden_dir, tmp_path, tiny_proc):
     assert torch.equal(again("<|image_1|>hi", images=[img])["input_ids"], out["input_ids"])
 
 
+def test_pickles_for_dataloader_workers(tiny_proc):
+    clone = pickle.loads(pickle.dumps(tiny_proc))
+    img = Image.new("RGB", (300, 200), (5, 6, 7))
+    a, b = tiny_proc("<|image_1|>\nhi", images=[img]), clone("<|image_1|>\nhi", images=[img])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_library_does_not_import_transformers():
     code = "import sys, phi3v.processor; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -401,3 +409,20 @@ def test_from_pretrained_bad_paths(tmp_path):
         Processor.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="neither a directory nor a hub id"):
         Processor.from_pretrained(tmp_path / "nope")
+
+
+def test_hub_id_goes_through_snapshot_download(golden_dir, monkeypatch):
+    import huggingface_hub
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(golden_dir / "phi3-tokenizer")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    proc = Processor.from_pretrained("microsoft/Phi-3.5-vision-instruct", num_crops=16)
+    assert proc.num_crops == 16
+    (repo_id, patterns), = calls
+    assert repo_id == "microsoft/Phi-3.5-vision-instruct"
+    assert {"tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"} <= set(patterns)
+    assert "model.safetensors" not in patterns
