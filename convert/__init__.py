@@ -1,0 +1,6 @@
+"""Converters from raw dataset downloads and common VLM formats to the phi3v jsonl (CONTRACT.md).
+
+Each `convert.<name>` module has `convert(src, out_dir, ...) -> stats` and a CLI
+(`python -m convert.<name> --src RAW --out_dir OUT`); `convert.check` validates a jsonl file and its images;
+`convert.schema` holds the record format shared with the training data pipeline.
+"""

@@ -1,0 +1,363 @@
+"""Shared converter machinery: split names, skip reports, image writing, deterministic output.
+
+Every converter builds an `Output`, feeds it records in input order (sorted files, row order),
+and calls `finish()`, which writes the images, drops records whose images failed, and writes
+`OUT/<file>.jsonl` plus `OUT/skipped.jsonl` byte-identically for the same input.
+"""
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path, PurePosixPath
+
+from PIL import Image
+
+from .schema import make_record, make_turn, validate_record
+
+# Formats PIL reads that we keep byte-for-byte; anything else is re-encoded to PNG.
+KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif"}
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validation": "val",
+                 "valid": "val", "dev": "val", "test": "test"}
+
+
+class ConvertError(Exception):
+    """Bad input under --strict, or input the converter cannot interpret at all."""
+
+
+def split_from_name(name: str) -> str | None:
+    """'train-00000-of-00001.parquet' -> 'train', 'val_v1.0.json' -> 'val', 'dev.json' -> 'val'."""
+    m = re.match(r"(training|train|validation|valid|val|dev|test)(?![a-z])", name.lower())
+    return SPLIT_ALIASES[m.group(1)] if m else None
+
+
+def safe_name(s) -> str:
+    """A file-name-safe version of an id (keeps letters, digits, '.', '_', '-')."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(s))
+
+
+def dumps(obj) -> str:
+    """The one JSON spelling we write: insertion key order, UTF-8 text, no ASCII escaping."""
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def image_ext(data: bytes) -> str | None:
+    """File extension for encoded image bytes (header only), or None if PIL cannot identify them."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return KEEP_FORMATS.get(im.format, "png")
+    except Exception:
+        return None
+
+
+def decode_data_url(url: str) -> bytes:
+    """Bytes of a base64 `data:` URL; ValueError if it is not one."""
+    head, sep, payload = url.partition(",")
+    if not head.startswith("data:") or not sep or not head.endswith(";base64"):
+        raise ValueError(f"not a base64 data: URL ({url[:40]!r}...)")
+    return base64.b64decode(payload, validate=False)
+
+
+def content_name(data: bytes) -> str:
+    """Deterministic file stem for image bytes (dedupes identical images)."""
+    return hashlib.sha1(data).hexdigest()[:16]
+
+
+def write_image(dst: Path, src) -> None:
+    """Write one image: `src` is a Path (copied verbatim) or bytes. Raises if it does not decode.
+
+    Bytes in a format outside KEEP_FORMATS are re-encoded as PNG (dst names .png then).
+    """
+    data = src.read_bytes() if isinstance(src, Path) else src
+    if not data:
+        raise ValueError("empty file")
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.width == 0 or im.height == 0:
+            raise ValueError("zero-size image")
+        keep = im.format in KEEP_FORMATS
+        if not keep:
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            data = buf.getvalue()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.exists() and dst.stat().st_size == len(data) and dst.read_bytes() == data:
+        return
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dst)
+
+
+def parallel_map(fn, items: list, workers: int, progress: bool, desc: str):
+    """`[fn(x) for x in items]` in order, on `workers` processes, with a tqdm progress bar."""
+    from tqdm import tqdm
+
+    bar = dict(total=len(items), desc=desc, disable=not progress, file=sys.stderr, leave=False)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in tqdm(items, **bar)]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(tqdm(pool.map(fn, items), **bar))
+
+
+def _source_key(src):
+    return ("bytes", hashlib.sha1(src).hexdigest()) if isinstance(src, bytes) else ("file", str(src))
+
+
+class Output:
+    """Collects records per output file, writes their images as they come, then the jsonl files.
+
+    `add(stem, record, file, line, images)` validates the record, rejects a duplicate id, and writes
+    each image of `images` ({relative path: Path to copy or encoded bytes}) under OUT/images/
+    (once per path). `finish()` writes OUT/{stem}.jsonl for each stem and OUT/skipped.jsonl, whose
+    lines are {"file", "line", "id", "reason"}. With strict=True the first skipped item raises.
+    """
+
+    def __init__(self, out_dir, strict: bool = False, progress: bool = False, total: int | None = None,
+                 desc: str = "records"):
+        self.out_dir = Path(out_dir)
+        self.strict = strict
+        self.lines: dict[str, list] = {}            # file stem -> [json line]
+        self.ids: dict[str, set] = {}
+        self.images: dict[str, tuple] = {}          # rel path -> (source key, error or None)
+        self.skipped: list[dict] = []
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr, leave=False)
+
+    def skip(self, file, line, id, reason: str) -> None:
+        """Report one skipped input item (or raise ConvertError under strict)."""
+        file = str(file)
+        if self.strict:
+            loc = f"{file}:{line}" if line is not None else file
+            raise ConvertError(f"{loc}: {reason}" + (f" (id {id})" if id is not None else ""))
+        self.skipped.append({"file": file, "line": line, "id": id, "reason": reason})
+
+    def _image(self, rel: str, src) -> str | None:
+        key = _source_key(src)
+        if rel in self.images:
+            old_key, err = self.images[rel]
+            return err if old_key == key else f"image path {rel!r} already used for a different image"
+        try:
+            write_image(self.out_dir / "images" / rel, src)
+            err = None
+        except FileNotFoundError:
+            err = f"image not found: {src}"
+        except Exception as e:
+            err = f"unreadable image {src if isinstance(src, Path) else '(embedded bytes)'}: {e}"
+        self.images[rel] = (key, err)
+        return err
+
+    def add(self, stem: str, record: dict, file, line, images: dict | None = None) -> bool:
+        """Register a record for OUT/{stem}.jsonl; invalid, duplicate or image-less ones are skipped."""
+        self.bar.update(1)
+        rid = record.get("id")
+        try:
+            validate_record(record, f"{file}:{line}")
+        except ValueError as e:
+            self.skip(file, line, rid, f"invalid record: {e}")
+            return False
+        seen = self.ids.setdefault(stem, set())
+        if rid in seen:
+            self.skip(file, line, rid, f"duplicate id {rid!r} in {stem}.jsonl")
+            return False
+        for rel, src in sorted((images or {}).items()):
+            err = self._image(rel, src)
+            if err:
+                self.skip(file, line, rid, err)
+                return False
+        seen.add(rid)
+        self.lines.setdefault(stem, []).append(dumps(record) + "\n")
+        return True
+
+    def finish(self) -> dict:
+        """Write the jsonl files and skipped.jsonl; return stats."""
+        self.bar.close()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for stem in sorted(self.lines):
+            write_text(self.out_dir / f"{stem}.jsonl", "".join(self.lines[stem]))
+        write_text(self.out_dir / "skipped.jsonl", "".join(dumps(s) + "\n" for s in self.skipped))
+        n_img = sum(1 for _, err in self.images.values() if err is None)
+        return {"records": {f"{stem}.jsonl": len(v) for stem, v in sorted(self.lines.items())},
+                "images": n_img, "skipped": len(self.skipped), "out_dir": str(self.out_dir)}
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically (tmp file + rename), '\\n' line ends on every platform."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_json_or_jsonl(path: Path, out: Output, where: str) -> list:
+    """[(line, obj)] from a JSON list file or a jsonl file; broken jsonl lines are skipped/reported.
+
+    For a JSON list, `line` is the item index (reported as 'item N'). `where` names the file in reports."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConvertError(f"{where}:{e.lineno}: invalid JSON: {e.msg}") from None
+        return [(f"item {i}", obj) for i, obj in enumerate(items)]
+    if stripped.startswith("{") and "\n{" not in stripped.rstrip():
+        try:   # a single JSON object (e.g. DocVQA's {"data": [...]}) spanning several lines
+            return [(1, json.loads(text))]
+        except json.JSONDecodeError:
+            pass
+    rows = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.skip(where, line_no, None, f"broken JSON line: {e.msg}")
+    return rows
+
+
+def split_of(path: Path) -> str | None:
+    """Split named by a file ('train-0000.parquet') or, failing that, by one of its parent folders."""
+    for name in [path.name] + [p.name for p in path.parents]:
+        split = split_from_name(name)
+        if split:
+            return split
+    return None
+
+
+def find_files(src: Path, suffixes: tuple) -> list:
+    """`src` itself if it is a file, else the files under it with these suffixes, sorted."""
+    src = Path(src)
+    if not src.exists():
+        raise ConvertError(f"{src}: no such file or folder")
+    if src.is_file():
+        return [src]
+    return sorted(p for p in src.rglob("*") if p.is_file() and p.name.lower().endswith(suffixes))
+
+
+def parquet_rows(path: Path):
+    """Rows of a parquet file as dicts, read in batches (Cauldron shards are ~400 MB)."""
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+        yield from batch.to_pylist()
+
+
+def parquet_columns(path: Path) -> list:
+    import pyarrow.parquet as pq
+
+    return list(pq.ParquetFile(path).schema_arrow.names)
+
+
+def is_cauldron(path: Path) -> bool:
+    """The Cauldron layout: columns `images` [{bytes, path}] and `texts` [{user, assistant, source}]."""
+    return {"images", "texts"} <= set(parquet_columns(path))
+
+
+def add_cauldron(out: Output, files: list, name: str, root: Path, val_rows: int = 0,
+                 n_images: int | None = None) -> None:
+    """Records from The Cauldron parquet shards (sorted): one record per row, all its QA as turns.
+
+    Images attach to the first turn; the user/assistant wording is kept verbatim. Rows are numbered
+    over all shards; of the train rows, the first `val_rows` go to val (the recipe's eval split is
+    `train[:500]`). Ids are f"{split}-{row:010d}", images `{split}/{id}.{k}.{ext}`.
+    """
+    row = 0
+    for f in files:
+        where = f.relative_to(root).as_posix() if f != root else f.name
+        split = split_of(f.relative_to(root) if f != root else Path(f.name)) or "train"
+        for r in parquet_rows(f):
+            this = "val" if split == "train" and row < val_rows else split
+            rid = f"{this}-{row:010d}"
+            line = f"row {row}"
+            row += 1
+            ims, texts = r.get("images") or [], r.get("texts") or []
+            if n_images is not None and len(ims) != n_images:
+                out.skip(where, line, rid, f"expected {n_images} image(s), found {len(ims)}")
+                continue
+            if not texts:
+                out.skip(where, line, rid, "no texts")
+                continue
+            images, rels = {}, []
+            for k, im in enumerate(ims):
+                data = (im or {}).get("bytes")
+                ext = image_ext(data) if data else None
+                if ext is None:
+                    break
+                rels.append(f"{this}/{rid}.{k}.{ext}")
+                images[rels[-1]] = data
+            if len(rels) != len(ims):
+                out.skip(where, line, rid, f"image {len(rels)} has no decodable bytes")
+                continue
+            turns = [make_turn(rels if j == 0 else [], (t or {}).get("user"), (t or {}).get("assistant"))
+                     for j, t in enumerate(texts)]
+            out.add(f"{name}_{this}", make_record(rid, name, turns), where, line, images)
+
+
+def local_image(path: str, folder: Path) -> tuple:
+    """(relative output path, source Path) for an image path from a json file.
+
+    A clean relative path is kept (`coco/x.jpg` -> images/coco/x.jpg); an absolute path or one
+    with '..' goes to `external/{sha1 of the path}{suffix}`. `file://` URLs are accepted.
+    """
+    if path.startswith("file://"):
+        path = path[len("file://"):]
+    pp = PurePosixPath(path.replace("\\", "/"))
+    src = Path(path) if pp.is_absolute() else folder / path
+    if pp.is_absolute() or ".." in pp.parts:
+        return f"external/{hashlib.sha1(path.encode()).hexdigest()[:16]}{pp.suffix}", src
+    return pp.as_posix(), src
+
+
+def strip_placeholders(text: str, tag: str = "<image>") -> str:
+    """Text with `tag` placeholders (and the newline next to each) removed."""
+    return text.replace(tag + "\n", "").replace("\n" + tag, "").replace(tag, "").strip()
+
+
+def pair_turns(msgs: list) -> tuple:
+    """[(role, payload)] with roles system?/user/assistant alternating -> (system, [(user, assistant)]).
+
+    Raises ValueError describing the first problem.
+    """
+    system = None
+    if msgs and msgs[0][0] == "system":
+        system, msgs = msgs[0][1], msgs[1:]
+    if not msgs:
+        raise ValueError("no user/assistant messages")
+    if len(msgs) % 2:
+        raise ValueError(f"{len(msgs)} messages: expected user/assistant pairs")
+    pairs = []
+    for j in range(0, len(msgs), 2):
+        (r1, a), (r2, b) = msgs[j], msgs[j + 1]
+        if (r1, r2) != ("user", "assistant"):
+            raise ValueError(f"messages {j}, {j + 1} have roles {r1!r}, {r2!r}; expected 'user', 'assistant'")
+        pairs.append((a, b))
+    return system, pairs
+
+
+def add_common_args(parser) -> None:
+    """The flags every converter CLI shares."""
+    parser.add_argument("--src", required=True, help="raw dataset folder (or file)")
+    parser.add_argument("--out_dir", required=True, help="output folder (jsonl files + images/)")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")
+    parser.add_argument("--workers", type=int, default=1, help="parallel workers (default 1)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def run_cli(fn, *args, **kwargs) -> None:
+    """Run a convert() for a CLI: print its stats as JSON, or the error and exit 1."""
+    try:
+        stats = fn(*args, **kwargs)
+    except (ConvertError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(stats, indent=1))
+    if stats.get("skipped"):
+        print(f"{stats['skipped']} item(s) skipped: see {Path(stats['out_dir']) / 'skipped.jsonl'}",
+              file=sys.stderr)

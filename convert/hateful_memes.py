@@ -1,0 +1,77 @@
+"""Hateful Memes -> hateful_memes_{train,val,test}.jsonl + images (RECIPE §3).
+
+    python -m convert.hateful_memes --src RAW --out_dir OUT [--val_rows 500]
+
+RAW (a folder, searched recursively, or one file) may hold:
+  * the Facebook release: img/ plus train.jsonl, dev_seen.jsonl, dev_unseen.jsonl, test_seen.jsonl,
+    ... with lines {"id", "img": "img/x.png", "label": 0|1, "text"}. Files map to splits
+    train -> train, dev/dev_seen -> val, test/test_seen -> test, dev_unseen -> val_unseen,
+    test_unseen -> test_unseen. The user text is PROMPT with the meme text filled in; the answer
+    is "yes" (label 1) or "no" (label 0). Images keep their release path (`img/x.png`, written
+    once and shared by the splits). Lines without a label (the unlabelled test.jsonl) are skipped.
+  * The Cauldron `hateful_memes` parquet (the recipe's data; columns images, texts): wording kept
+    verbatim, all QA as turns, ids `{split}-{row:010d}`. The Cauldron has only a train split;
+    like the recipe (eval = train[:500]) the first --val_rows (default 500) rows become val.
+"""
+from pathlib import Path, PurePosixPath
+
+from .common import (ConvertError, Output, add_cauldron, add_common_args, find_files, is_cauldron,
+                     read_json_or_jsonl, run_cli)
+from .schema import make_record, make_turn
+
+NAME = "hateful_memes"
+PROMPT = 'The text on this meme reads: "{text}"\nIs this meme hateful? Answer yes or no.'
+FILE_SPLITS = {"train": "train", "dev": "val", "dev_seen": "val", "dev_unseen": "val_unseen",
+               "test": "test", "test_seen": "test", "test_unseen": "test_unseen"}
+
+
+def _add_jsonl(out: Output, f: Path, where: str, split: str) -> None:
+    for line, obj in read_json_or_jsonl(f, out, where):
+        rid = str(obj.get("id")) if isinstance(obj, dict) and obj.get("id") is not None else None
+        if rid is None:
+            out.skip(where, line, None, "no id")
+            continue
+        img, label = str(obj.get("img") or ""), obj.get("label")
+        if not img or PurePosixPath(img).is_absolute() or ".." in PurePosixPath(img).parts:
+            out.skip(where, line, rid, f"bad image path {img!r}")
+        elif label not in (0, 1):
+            out.skip(where, line, rid, f"no 0/1 label (got {label!r})")
+        else:
+            turn = make_turn([img], PROMPT.format(text=str(obj.get("text") or "")), "yes" if label == 1 else "no")
+            out.add(f"{NAME}_{split}", make_record(rid, NAME, [turn]), where, line, {img: f.parent / img})
+
+
+def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool = False,
+            val_rows: int = 500) -> dict:
+    """Convert the Facebook jsonl release and/or Cauldron parquet under `src`; returns stats.
+
+    `workers` is unused (copying images is I/O bound); `val_rows` applies to Cauldron input only.
+    """
+    src = Path(src)
+    out = Output(out_dir, strict=strict, progress=progress)
+    cauldron, n_used = [], 0
+    for f in find_files(src, (".jsonl", ".parquet")):
+        rel = (f.relative_to(src) if f != src else Path(f.name)).as_posix()
+        if f.suffix == ".parquet":
+            if is_cauldron(f):
+                cauldron.append(f)
+        elif f.stem in FILE_SPLITS:
+            _add_jsonl(out, f, rel, FILE_SPLITS[f.stem])
+            n_used += 1
+    if cauldron:
+        add_cauldron(out, cauldron, NAME, src, val_rows=val_rows, n_images=1)
+        n_used += len(cauldron)
+    if n_used == 0:
+        raise ConvertError(f"{src}: no {sorted(k + '.jsonl' for k in FILE_SPLITS)} and no Cauldron parquet found")
+    return out.finish()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--val_rows", type=int, default=500, help="Cauldron only: first N rows go to val (default 500)")
+    a = p.parse_args()
+    run_cli(convert, a.src, a.out_dir, strict=a.strict, workers=a.workers, progress=not a.no_progress,
+            val_rows=a.val_rows)

@@ -1,0 +1,86 @@
+"""LLaVA-format json -> our jsonl (OUT/{input stem}.jsonl) + OUT/images/.
+
+    python -m convert.llava --src llava_instruct.json --out_dir OUT [--image_folder DIR] [--source NAME]
+
+Input: a JSON list (or jsonl) of {"id", "image": "x.jpg" | [..], "conversations": [{"from": "human"
+| "gpt", "value": "<image>\\n..."}]}. Turns are human/gpt pairs (a leading "system" message goes to
+the extra field "system"). Each `<image>` placeholder is removed from the text (with its adjacent
+newline) and the images, in order, attach to the turn where their placeholders appear; a record
+with images but no placeholder attaches them all to the first turn. Image paths are relative to
+--image_folder (default: the json's folder) and keep that relative path under OUT/images/.
+Records whose placeholder count differs from their image count, or that do not alternate
+human/gpt, are skipped and reported. A missing id becomes "{stem}-{index:08d}".
+"""
+from pathlib import Path
+
+from .common import (ConvertError, Output, add_common_args, local_image, pair_turns, read_json_or_jsonl,
+                     run_cli, strip_placeholders)
+from .schema import make_record, make_turn
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def to_record(item, index: int, stem: str, source: str, folder: Path) -> tuple:
+    """(record, {rel: source path}) for one LLaVA item; ValueError says why it cannot be converted."""
+    if not isinstance(item, dict):
+        raise ValueError("item is not an object")
+    rid = str(item["id"]) if item.get("id") is not None else f"{stem}-{index:08d}"
+    image = item.get("image", item.get("images"))
+    paths = [image] if isinstance(image, str) else list(image or [])
+    msgs = []
+    for m in item.get("conversations") or []:
+        role = ROLES.get(str((m or {}).get("from", "")).lower())
+        if role is None or not isinstance(m.get("value"), str):
+            raise ValueError(f"message {m!r:.80}: 'from' must be human/gpt/system with a string 'value'")
+        msgs.append((role, m["value"]))
+    system, pairs = pair_turns(msgs)
+    counts = [u.count("<image>") for u, _ in pairs]
+    if any("<image>" in a for _, a in pairs):
+        raise ValueError("<image> placeholder in an assistant message")
+    if sum(counts) == 0 and paths:
+        counts[0] = len(paths)
+    if sum(counts) != len(paths):
+        raise ValueError(f"{sum(counts)} <image> placeholder(s) but {len(paths)} image(s)")
+    images, turns, k = {}, [], 0
+    for (user, assistant), n in zip(pairs, counts):
+        rels = []
+        for p in paths[k:k + n]:
+            rel, src = local_image(str(p), folder)
+            rels.append(rel)
+            images[rel] = src
+        k += n
+        turns.append(make_turn(rels, strip_placeholders(user), assistant.strip()))
+    extra = {"system": system} if system is not None else {}
+    return make_record(rid, source, turns, **extra), images
+
+
+def convert(src, out_dir, image_folder=None, source: str = "llava", strict: bool = False,
+            workers: int = 1, progress: bool = False) -> dict:
+    """Convert one LLaVA json/jsonl file; returns stats. `workers` is unused (I/O bound)."""
+    src = Path(src)
+    if not src.is_file():
+        raise ConvertError(f"{src}: not a file")
+    folder = Path(image_folder) if image_folder else src.parent
+    out = Output(out_dir, strict=strict, progress=progress)
+    for i, (line, item) in enumerate(read_json_or_jsonl(src, out, src.name)):
+        try:
+            rec, images = to_record(item, i, src.stem, source, folder)
+        except ValueError as e:
+            rid = item.get("id") if isinstance(item, dict) else None
+            out.skip(src.name, line, None if rid is None else str(rid), str(e))
+            continue
+        out.add(src.stem, rec, src.name, line, images)
+    out.lines.setdefault(src.stem, [])
+    return out.finish()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--image_folder", default=None, help="folder the image paths are relative to")
+    p.add_argument("--source", default="llava", help='value of the "source" field (default llava)')
+    a = p.parse_args()
+    run_cli(convert, a.src, a.out_dir, image_folder=a.image_folder, source=a.source, strict=a.strict,
+            workers=a.workers, progress=not a.no_progress)

@@ -1,0 +1,90 @@
+"""The canonical jsonl record (CONTRACT.md "Data format") and its validator.
+
+One record per line:
+    {"id": str, "source": str,
+     "conversations": [{"images": [path, ...], "user": str, "assistant": str}, ...]}
+Image paths are relative to the `images/` folder beside the jsonl. The user text holds no
+`<|image_k|>` tags: the training dataset puts `<|image_1|>...<|image_n|>\\n` in front of it.
+Extra top-level fields are allowed (e.g. DocVQA's "answers"). Standard library only: the
+training data pipeline imports this module.
+"""
+import json
+import re
+from pathlib import Path, PurePosixPath
+
+IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
+
+
+def make_record(id: str, source: str, conversations: list, **extra) -> dict:
+    """A record with the fixed key order id, source, conversations, then extras (sorted)."""
+    rec = {"id": id, "source": source, "conversations": conversations}
+    for key in sorted(extra):
+        rec[key] = extra[key]
+    return rec
+
+
+def make_turn(images: list, user: str, assistant: str) -> dict:
+    """One conversation turn with the fixed key order images, user, assistant."""
+    return {"images": list(images), "user": user, "assistant": assistant}
+
+
+def _fail(where: str, field: str, msg: str):
+    raise ValueError(f"{where}: field '{field}': {msg}")
+
+
+def _check_image_path(p, where: str, field: str):
+    if not isinstance(p, str) or not p:
+        _fail(where, field, f"expected a non-empty path string, got {p!r}")
+    pp = PurePosixPath(p)
+    if "\\" in p or pp.is_absolute() or ".." in pp.parts:
+        _fail(where, field, f"image path must be relative to images/ without '..', got {p!r}")
+
+
+def validate_record(obj, where: str) -> None:
+    """Raise ValueError naming `where` (file:line) and the field when `obj` is not a valid record."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("id", "source"):
+        if key not in obj:
+            _fail(where, key, "missing")
+        if not isinstance(obj[key], str) or not obj[key]:
+            _fail(where, key, f"expected a non-empty string, got {obj[key]!r}")
+    convs = obj.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        _fail(where, "conversations", f"expected a non-empty list, got {convs!r}")
+    for t, turn in enumerate(convs):
+        f = f"conversations[{t}]"
+        if not isinstance(turn, dict):
+            _fail(where, f, f"expected an object, got {type(turn).__name__}")
+        for key in ("images", "user", "assistant"):
+            if key not in turn:
+                _fail(where, f"{f}.{key}", "missing")
+        if not isinstance(turn["images"], list):
+            _fail(where, f"{f}.images", f"expected a list, got {type(turn['images']).__name__}")
+        for i, p in enumerate(turn["images"]):
+            _check_image_path(p, where, f"{f}.images[{i}]")
+        if not isinstance(turn["user"], str):
+            _fail(where, f"{f}.user", f"expected a string, got {type(turn['user']).__name__}")
+        tag = IMAGE_TAG.search(turn["user"])
+        if tag:
+            _fail(where, f"{f}.user", f"holds the image tag {tag.group()!r}; "
+                  "tags are added by the training dataset, leave them out")
+        if not isinstance(turn["assistant"], str) or not turn["assistant"].strip():
+            _fail(where, f"{f}.assistant", f"expected a non-empty string, got {turn['assistant']!r}")
+
+
+def iter_jsonl(path):
+    """Yield (line_no, record) for each non-blank line; ValueError names path:line on bad JSON.
+
+    Records are parsed, not validated: call validate_record(rec, f"{path}:{line_no}").
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
+            yield line_no, rec

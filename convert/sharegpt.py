@@ -1,0 +1,119 @@
+"""ShareGPT / OpenAI-messages json -> our jsonl (OUT/{input stem}.jsonl) + OUT/images/.
+
+    python -m convert.sharegpt --src data.json --out_dir OUT [--image_folder DIR] [--source NAME]
+
+Input: a JSON list (or jsonl) of {"id"?, "messages": [{"role": "system"|"user"|"assistant",
+"content": str | [parts]}], "images"?: [...]} ("conversations" is accepted for "messages").
+Content parts: {"type": "text", "text"}, {"type": "image_url", "image_url": {"url"} | str},
+{"type": "image", "image" | "url" | "path": str}. An image is a local path (relative to
+--image_folder, default the json's folder; kept under OUT/images/), a file:// URL, or a base64
+data: URL (written as OUT/images/{stem}/{sha1 prefix}.{ext}); http(s) URLs cannot be fetched
+offline and skip the record. String content may instead use `<image>` placeholders that take the
+item's top-level "images" in order (the LLaMA-Factory sharegpt layout). Text parts of one message
+are joined with "\\n". A leading system message goes to the extra field "system". A missing id
+becomes "{stem}-{index:08d}".
+"""
+from pathlib import Path
+
+from .common import (ConvertError, Output, add_common_args, content_name, decode_data_url, image_ext,
+                     local_image, pair_turns, read_json_or_jsonl, run_cli, strip_placeholders)
+from .schema import make_record, make_turn
+
+
+def _image(ref, stem: str, folder: Path) -> tuple:
+    """(rel path, source) for an image reference (str or {"url": ...})."""
+    if isinstance(ref, dict):
+        ref = ref.get("url") or ref.get("path")
+    if not isinstance(ref, str) or not ref:
+        raise ValueError(f"image part without a path or URL: {ref!r:.80}")
+    if ref.startswith("data:"):
+        data = decode_data_url(ref)
+        ext = image_ext(data)
+        if ext is None:
+            raise ValueError("data: URL does not hold a decodable image")
+        return f"{stem}/{content_name(data)}.{ext}", data
+    if ref.startswith(("http://", "https://")):
+        raise ValueError(f"remote image URL cannot be fetched offline: {ref}")
+    return local_image(ref, folder)
+
+
+def _content(content, stem: str, folder: Path, pool: list) -> tuple:
+    """(text, [(rel, source)]) of one message; `pool` feeds `<image>` placeholders in string content."""
+    if isinstance(content, str):
+        n = content.count("<image>")
+        if n > len(pool):
+            raise ValueError(f"{n} <image> placeholder(s) but only {len(pool)} image(s) left in 'images'")
+        refs = [pool.pop(0) for _ in range(n)]
+        return strip_placeholders(content), [_image(r, stem, folder) for r in refs]
+    if not isinstance(content, list):
+        raise ValueError(f"content must be a string or a list of parts, got {type(content).__name__}")
+    texts, images = [], []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            texts.append(str(part.get("text", "")))
+        elif kind == "image_url":
+            images.append(_image(part.get("image_url"), stem, folder))
+        elif kind == "image":
+            images.append(_image(part.get("image") or part.get("url") or part.get("path"), stem, folder))
+        else:
+            raise ValueError(f"unknown content part {part!r:.80}")
+    return "\n".join(t.strip() for t in texts).strip(), images
+
+
+def to_record(item, index: int, stem: str, source: str, folder: Path) -> tuple:
+    """(record, {rel: source}) for one item; ValueError says why it cannot be converted."""
+    if not isinstance(item, dict):
+        raise ValueError("item is not an object")
+    rid = str(item["id"]) if item.get("id") is not None else f"{stem}-{index:08d}"
+    pool = list(item.get("images") or [])
+    msgs = []
+    for m in item.get("messages", item.get("conversations")) or []:
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"message {m!r:.80}: role must be system/user/assistant")
+        text, images = _content(m.get("content"), stem, folder, pool)
+        if images and role != "user":
+            raise ValueError(f"image in a {role} message")
+        msgs.append((role, (text, images)))
+    if pool:
+        raise ValueError(f"{len(pool)} image(s) in 'images' without an <image> placeholder")
+    system, pairs = pair_turns(msgs)
+    images, turns = {}, []
+    for (user, ims), (answer, _) in pairs:
+        turns.append(make_turn([rel for rel, _ in ims], user, answer))
+        images.update(dict(ims))
+    extra = {"system": system[0]} if system is not None else {}
+    return make_record(rid, source, turns, **extra), images
+
+
+def convert(src, out_dir, image_folder=None, source: str = "sharegpt", strict: bool = False,
+            workers: int = 1, progress: bool = False) -> dict:
+    """Convert one ShareGPT/OpenAI-messages json/jsonl file; returns stats. `workers` is unused."""
+    src = Path(src)
+    if not src.is_file():
+        raise ConvertError(f"{src}: not a file")
+    folder = Path(image_folder) if image_folder else src.parent
+    out = Output(out_dir, strict=strict, progress=progress)
+    for i, (line, item) in enumerate(read_json_or_jsonl(src, out, src.name)):
+        try:
+            rec, images = to_record(item, i, src.stem, source, folder)
+        except ValueError as e:
+            rid = item.get("id") if isinstance(item, dict) else None
+            out.skip(src.name, line, None if rid is None else str(rid), str(e))
+            continue
+        out.add(src.stem, rec, src.name, line, images)
+    out.lines.setdefault(src.stem, [])
+    return out.finish()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--image_folder", default=None, help="folder local image paths are relative to")
+    p.add_argument("--source", default="sharegpt", help='value of the "source" field (default sharegpt)')
+    a = p.parse_args()
+    run_cli(convert, a.src, a.out_dir, image_folder=a.image_folder, source=a.source, strict=a.strict,
+            workers=a.workers, progress=not a.no_progress)

@@ -1,0 +1,463 @@
+"""convert/: every converter on tiny raw inputs built here, checked exactly."""
+import base64
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from convert import check, docvqa, hateful_memes, llava, nlvr2, sharegpt, ucf101
+from convert.common import ConvertError
+from convert.schema import iter_jsonl, validate_record
+
+av = pytest.importorskip("av")
+pa = pytest.importorskip("pyarrow")
+import pyarrow.parquet as pq  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STEP = 12  # frame i of a generated video has red = i * STEP
+
+
+# ---------------------------------------------------------------- helpers
+
+def make_video(path: Path, n: int, container: str | None = None):
+    """An n-frame 16x16 MJPEG video whose frame i is coloured (i*STEP, 128, 128)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    c = av.open(str(path), "w", format=container)
+    s = c.add_stream("mjpeg", rate=25)
+    s.width, s.height, s.pix_fmt = 16, 16, "yuvj420p"
+    for i in range(n):
+        a = np.zeros((16, 16, 3), np.uint8)
+        a[:] = (i * STEP, 128, 128)
+        for pk in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+            c.mux(pk)
+    for pk in s.encode():
+        c.mux(pk)
+    c.close()
+
+
+def frame_index(jpg: Path) -> int:
+    return round(float(np.asarray(Image.open(jpg))[..., 0].mean()) / STEP)
+
+
+def png(color=(255, 0, 0), size=(8, 6)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(path: Path, color=(0, 0, 255)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png(color))
+
+
+def read(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def tree_bytes(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def write_parquet(path: Path, rows: list):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def cauldron_row(images: list, qa: list) -> dict:
+    return {"images": [{"bytes": b, "path": None} for b in images],
+            "texts": [{"user": u, "assistant": a, "source": "test"} for u, a in qa]}
+
+
+# ---------------------------------------------------------------- schema
+
+def test_validate_record_names_where_and_field():
+    good = {"id": "x", "source": "s", "conversations": [{"images": ["a.jpg"], "user": "q", "assistant": "a"}]}
+    validate_record(good, "f.jsonl:3")
+    bad_cases = [
+        ({**good, "id": 5}, "'id'"),
+        ({k: v for k, v in good.items() if k != "source"}, "'source': missing"),
+        ({**good, "conversations": []}, "'conversations'"),
+        ({**good, "conversations": [{"images": ["../a.jpg"], "user": "q", "assistant": "a"}]},
+         "'conversations[0].images[0]'"),
+        ({**good, "conversations": [{"images": [], "user": "<|image_1|>\nq", "assistant": "a"}]},
+         "'conversations[0].user'"),
+        ({**good, "conversations": [{"images": [], "user": "q", "assistant": ""}]},
+         "'conversations[0].assistant'"),
+    ]
+    for rec, field in bad_cases:
+        with pytest.raises(ValueError) as e:
+            validate_record(rec, "f.jsonl:3")
+        assert str(e.value).startswith("f.jsonl:3: ") and field in str(e.value), str(e.value)
+
+
+def test_iter_jsonl_reports_broken_line(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text('{"a": 1}\n\n{"b": 2}\n{broken\n', encoding="utf-8")
+    it = iter_jsonl(p)
+    assert next(it) == (1, {"a": 1})
+    assert next(it) == (3, {"b": 2})
+    with pytest.raises(ValueError, match=r"a\.jsonl:4: invalid JSON"):
+        next(it)
+
+
+# ---------------------------------------------------------------- UCF-101
+
+FRAMES = {  # (split, class, stem) -> frame count
+    ("train", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g01_c01"): 10,
+    ("train", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g02_c01"): 13,
+    ("train", "Archery", "v_Archery_g01_c01"): 16,
+    ("val", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g03_c01"): 20,
+    ("val", "Archery", "v_Archery_g02_c01"): 8,
+    ("test", "Archery", "v_Archery_g03_c01"): 11,
+}
+
+
+@pytest.fixture(scope="module")
+def ucf_src(tmp_path_factory):
+    """UCF101_subset layout inside a parent folder, plus one corrupt, one short, one mkv-in-avi video."""
+    top = tmp_path_factory.mktemp("ucf_raw")
+    root = top / "UCF101_subset"
+    for (split, cls, stem), n in FRAMES.items():
+        make_video(root / split / cls / f"{stem}.avi", n)
+    (root / "train" / "Archery" / "v_Archery_g00_c09.avi").write_bytes(b"not a video")   # unreadable
+    make_video(root / "val" / "Archery" / "v_Archery_g09_c01.avi", 5)                     # too short
+    make_video(root / "test" / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g04_c01.avi", 12, "matroska")  # no frame count
+    (root / "test" / "ApplyEyeMakeup" / "notes.txt").write_text("ignored")
+    return top
+
+
+def test_frame_indices_match_recipe_formula():
+    for total in (8, 10, 13, 16, 20, 300):
+        assert ucf101.frame_indices(total, 8) == list(np.arange(0, total, total / 8).astype(int))
+    assert ucf101.frame_indices(17, 7) == [0, 2, 4, 7, 9, 12, 14]  # numpy gives an 8th index (17) here
+
+
+def test_ucf101_records_frames_and_skips(ucf_src, tmp_path):
+    out = tmp_path / "out"
+    stats = ucf101.convert(ucf_src, out, workers=2)
+    assert stats["records"] == {"ucf101_test.jsonl": 2, "ucf101_train.jsonl": 3, "ucf101_val.jsonl": 2}
+    assert stats["skipped"] == 2 and stats["images"] == 7 * 8
+    prompt = "Classify the video into one of the following classes: ApplyEyeMakeup, Archery."
+    # Global counter over all listed videos, train then val then test, sorted; skips leave gaps.
+    expected = {
+        "train": [("train-0000000000", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g01_c01"),
+                  ("train-0000000001", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g02_c01"),
+                  ("train-0000000003", "Archery", "v_Archery_g01_c01")],
+        "val": [("val-0000000004", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g03_c01"),
+                ("val-0000000005", "Archery", "v_Archery_g02_c01")],
+        "test": [("test-0000000007", "ApplyEyeMakeup", "v_ApplyEyeMakeup_g04_c01"),
+                 ("test-0000000008", "Archery", "v_Archery_g03_c01")],
+    }
+    for split, rows in expected.items():
+        recs = read(out / f"ucf101_{split}.jsonl")
+        assert [r["id"] for r in recs] == [rid for rid, _, _ in rows]
+        for rec, (rid, cls, stem) in zip(recs, rows):
+            assert list(rec) == ["id", "source", "conversations"] and rec["source"] == "ucf101"
+            (turn,) = rec["conversations"]
+            assert turn["user"] == prompt and turn["assistant"] == cls
+            assert turn["images"] == [f"{split}/{cls}/{stem}.{k}.jpg" for k in range(8)]
+            total = FRAMES.get((split, cls, stem), 12)
+            want = [int(i) for i in np.arange(0, total, total / 8).astype(int)]
+            got = [frame_index(out / "images" / p) for p in turn["images"]]
+            assert got == want, (stem, got, want)
+            assert Image.open(out / "images" / turn["images"][0]).format == "JPEG"
+    skipped = read(out / "skipped.jsonl")
+    assert [(s["file"], s["id"]) for s in skipped] == [
+        ("train/Archery/v_Archery_g00_c09.avi", "train-0000000002"),
+        ("val/Archery/v_Archery_g09_c01.avi", "val-0000000006")]
+    assert skipped[0]["reason"].startswith("unreadable video")
+    assert skipped[1]["reason"] == "has 5 frames, fewer than num_frames=8"
+    assert not (out / "images" / "val" / "Archery" / "v_Archery_g09_c01.0.jpg").exists()
+    for split in ("train", "val", "test"):
+        s = check.check(out / f"ucf101_{split}.jsonl")
+        assert s["problems"] == [] and s["images"] == 8 * s["records"]
+
+
+def test_ucf101_deterministic_classes_and_strict(ucf_src, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    ucf101.convert(ucf_src / "UCF101_subset", a, num_frames=4, classes=["Archery"])
+    ucf101.convert(ucf_src, b, num_frames=4, classes=["Archery"], workers=2)
+    assert tree_bytes(a) == tree_bytes(b)
+    recs = read(a / "ucf101_train.jsonl")
+    assert [r["conversations"][0]["assistant"] for r in recs] == ["Archery"]
+    assert recs[0]["conversations"][0]["user"] == "Classify the video into one of the following classes: Archery."
+    assert [frame_index(a / "images" / p) for p in recs[0]["conversations"][0]["images"]] == [0, 4, 8, 12]
+    with pytest.raises(ConvertError, match="v_Archery_g00_c09.avi"):
+        ucf101.convert(ucf_src, tmp_path / "c", strict=True)
+    with pytest.raises(ConvertError, match="Basketball"):
+        ucf101.convert(ucf_src, tmp_path / "d", classes=["Basketball"])
+
+
+def test_ucf101_cli(ucf_src, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "convert.ucf101", "--src", str(ucf_src), "--out_dir",
+                        str(tmp_path / "o"), "--classes", "Archery,ApplyEyeMakeup", "--no_progress"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["skipped"] == 2 and "skipped.jsonl" in r.stderr
+    rec = read(tmp_path / "o" / "ucf101_val.jsonl")[0]
+    assert rec["conversations"][0]["user"].endswith("classes: Archery, ApplyEyeMakeup.")
+    r = subprocess.run([sys.executable, "-m", "convert.ucf101", "--src", str(ucf_src), "--out_dir",
+                        str(tmp_path / "s"), "--strict", "--no_progress"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "error:" in r.stderr and "v_Archery_g00_c09.avi" in r.stderr
+
+
+# ---------------------------------------------------------------- DocVQA
+
+def docvqa_row(id, color, q, answers):
+    return {"id": id, "image": {"bytes": png(color), "path": f"{id}.png"}, "query": {"en": q, "de": "x"},
+            "answers": answers, "words": ["w"], "bounding_boxes": [[0.0, 0.0, 1.0, 1.0]]}
+
+
+def test_docvqa_parquet_and_official_json(tmp_path):
+    src = tmp_path / "raw"
+    write_parquet(src / "data" / "train-00000-of-00001.parquet", [
+        docvqa_row("q1", (10, 0, 0), "What is the date?", ["1 May", "May 1"]),
+        docvqa_row("q2", (20, 0, 0), "Who signed?", ["Bob"]),
+        docvqa_row("q3", (30, 0, 0), "Empty?", []),
+    ])
+    write_parquet(src / "data" / "test-00000-of-00001.parquet", [docvqa_row("t1", (40, 0, 0), "Total?", ["$5"])])
+    write_png(src / "val" / "documents" / "doc1.png")
+    (src / "val" / "val_v1.0.json").write_text(json.dumps({"dataset_split": "val", "data": [
+        {"questionId": 7, "question": "Title?", "image": "documents/doc1.png", "answers": ["Report", "report"]},
+        {"questionId": 8, "question": "Page?", "image": "documents/doc1.png", "answers": ["2"]},
+        {"questionId": 9, "question": "Lost?", "image": "documents/missing.png", "answers": ["x"]},
+        {"questionId": 7, "question": "Again?", "image": "documents/doc1.png", "answers": ["y"]},
+    ]}, indent=2))
+    (src / "val" / "ocr_results").mkdir()
+    (src / "val" / "ocr_results" / "doc1.json").write_text("{}")  # not a split file: ignored
+    out = tmp_path / "out"
+    stats = docvqa.convert(src, out)
+    assert stats["records"] == {"docvqa_test.jsonl": 1, "docvqa_train.jsonl": 2, "docvqa_val.jsonl": 2}
+    train = read(out / "docvqa_train.jsonl")
+    assert train[0] == {"id": "q1", "source": "docvqa", "conversations": [
+        {"images": ["train/q1.png"], "user": "What is the date?\nAnswer briefly.", "assistant": "1 May"}],
+        "answers": ["1 May", "May 1"]}
+    assert (out / "images" / "train" / "q1.png").read_bytes() == png((10, 0, 0))
+    val = read(out / "docvqa_val.jsonl")
+    assert [(r["id"], r["conversations"][0]["images"], r["conversations"][0]["user"], r["answers"]) for r in val] == [
+        ("7", ["val/documents/doc1.png"], "Title?\nAnswer briefly.", ["Report", "report"]),
+        ("8", ["val/documents/doc1.png"], "Page?\nAnswer briefly.", ["2"])]
+    reasons = [(s["file"], s["line"], s["id"], s["reason"].split(":")[0]) for s in read(out / "skipped.jsonl")]
+    assert reasons == [("data/train-00000-of-00001.parquet", "row 2", "q3", "no answers (unlabelled split)"),
+                       ("val/val_v1.0.json", "item 2", "9", "image not found"),
+                       ("val/val_v1.0.json", "item 3", "7", "duplicate id '7' in docvqa_val.jsonl")]
+    again = tmp_path / "again"
+    docvqa.convert(src, again)
+    assert tree_bytes(out) == tree_bytes(again)
+    with pytest.raises(ConvertError, match=r"row 2: no answers"):
+        docvqa.convert(src, tmp_path / "strict", strict=True)
+
+
+# ---------------------------------------------------------------- hateful memes
+
+def test_hateful_memes_facebook_release(tmp_path):
+    src = tmp_path / "hm"
+    for i in (1, 2, 3):
+        write_png(src / "img" / f"{i:05d}.png", (i, i, i))
+    lines = [json.dumps({"id": 1, "img": "img/00001.png", "label": 1, "text": "über text"}, ensure_ascii=False),
+             json.dumps({"id": 2, "img": "img/00002.png", "label": 0, "text": "nice day"}),
+             "{not json",
+             json.dumps({"id": 4, "img": "img/00004.png", "label": 0, "text": "gone"})]
+    (src / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (src / "dev_seen.jsonl").write_text(json.dumps({"id": 3, "img": "img/00003.png", "label": 0, "text": "t"}) + "\n")
+    (src / "dev_unseen.jsonl").write_text(json.dumps({"id": 3, "img": "img/00003.png", "label": 0, "text": "t"}) + "\n")
+    (src / "test.jsonl").write_text(json.dumps({"id": 2, "img": "img/00002.png", "text": "nice day"}) + "\n")
+    out = tmp_path / "out"
+    stats = hateful_memes.convert(src, out)
+    assert stats["records"] == {"hateful_memes_train.jsonl": 2, "hateful_memes_val.jsonl": 1,
+                                "hateful_memes_val_unseen.jsonl": 1}
+    train = read(out / "hateful_memes_train.jsonl")
+    assert train[0] == {"id": "1", "source": "hateful_memes", "conversations": [{
+        "images": ["img/00001.png"],
+        "user": 'The text on this meme reads: "über text"\nIs this meme hateful? Answer yes or no.',
+        "assistant": "yes"}]}
+    assert train[1]["conversations"][0]["assistant"] == "no"
+    assert "über" in (out / "hateful_memes_train.jsonl").read_text(encoding="utf-8")  # ensure_ascii=False
+    skipped = read(out / "skipped.jsonl")
+    assert [(s["file"], s["line"], s["reason"].split(":")[0]) for s in skipped] == [
+        ("test.jsonl", 1, "no 0/1 label (got None)"),
+        ("train.jsonl", 3, "broken JSON line"),
+        ("train.jsonl", 4, "image not found")]
+    assert check.check(out / "hateful_memes_val.jsonl")["problems"] == []
+    with pytest.raises(ConvertError, match=r"test\.jsonl:1: no 0/1 label"):
+        hateful_memes.convert(src, tmp_path / "strict", strict=True)
+
+
+def test_hateful_memes_cauldron(tmp_path):
+    rows = [cauldron_row([png((i, 0, 0))], [(f"Is meme {i} hateful?", "no" if i % 2 else "yes")]) for i in range(3)]
+    rows.append(cauldron_row([b"junk"], [("q", "a")]))
+    write_parquet(tmp_path / "hateful_memes" / "train-00000-of-00001.parquet", rows)
+    out = tmp_path / "out"
+    stats = hateful_memes.convert(tmp_path / "hateful_memes", out, val_rows=1)
+    assert stats["records"] == {"hateful_memes_train.jsonl": 2, "hateful_memes_val.jsonl": 1}
+    (val,) = read(out / "hateful_memes_val.jsonl")
+    assert val == {"id": "val-0000000000", "source": "hateful_memes", "conversations": [
+        {"images": ["val/val-0000000000.0.png"], "user": "Is meme 0 hateful?", "assistant": "yes"}]}
+    assert [r["id"] for r in read(out / "hateful_memes_train.jsonl")] == ["train-0000000001", "train-0000000002"]
+    assert read(out / "skipped.jsonl")[0]["line"] == "row 3"
+
+
+# ---------------------------------------------------------------- NLVR2
+
+def test_nlvr2_official_release(tmp_path):
+    src = tmp_path / "nlvr"
+    for name, color in [("dev-1-0-img0", (1, 0, 0)), ("dev-1-0-img1", (2, 0, 0)), ("dev-2-3-img0", (3, 0, 0))]:
+        write_png(src / "images" / "dev" / f"{name}.png", color)
+    write_png(src / "images" / "train" / "12" / "train-5-1-img0.png", (4, 0, 0))
+    write_png(src / "images" / "train" / "12" / "train-5-1-img1.png", (5, 0, 0))
+    dev = [{"identifier": "dev-1-0-0", "sentence": "Two dogs.", "label": "True", "left_url": "http://l"},
+           {"identifier": "dev-1-0-1", "sentence": "No dogs.", "label": "False"},
+           {"identifier": "dev-2-3-0", "sentence": "A cat.", "label": "True", "right_url": "http://r/x.png"},
+           {"identifier": "dev-1-0-1", "sentence": "Dup.", "label": "True"}]
+    (src / "dev.json").write_text("".join(json.dumps(d) + "\n" for d in dev))
+    (src / "train.json").write_text(json.dumps({"identifier": "train-5-1-2", "sentence": "S", "label": "False",
+                                                "directory": "12"}) + "\n")
+    out = tmp_path / "out"
+    stats = nlvr2.convert(src, out)
+    assert stats["records"] == {"nlvr2_train.jsonl": 1, "nlvr2_val.jsonl": 2}
+    val = read(out / "nlvr2_val.jsonl")
+    assert val[0] == {"id": "dev-1-0-0", "source": "nlvr2", "conversations": [{
+        "images": ["val/dev-1-0-img0.png", "val/dev-1-0-img1.png"],
+        "user": 'Is this statement about the left and right images true or false? "Two dogs."\nAnswer true or false.',
+        "assistant": "true"}]}
+    assert val[1]["conversations"][0]["assistant"] == "false"
+    assert (out / "images" / "val" / "dev-1-0-img1.png").read_bytes() == png((2, 0, 0))
+    assert read(out / "nlvr2_train.jsonl")[0]["conversations"][0]["images"] == [
+        "train/train-5-1-img0.png", "train/train-5-1-img1.png"]
+    skipped = read(out / "skipped.jsonl")
+    assert [(s["line"], s["id"]) for s in skipped] == [(3, "dev-2-3-0"), (4, "dev-1-0-1")]
+    assert "dev-2-3-img1.png" in skipped[0]["reason"] and "http://r/x.png" in skipped[0]["reason"]
+    assert skipped[1]["reason"].startswith("duplicate id")
+
+
+def test_nlvr2_cauldron_two_images_multi_turn(tmp_path):
+    rows = [cauldron_row([png((1, 1, 1)), png((2, 2, 2))], [("Claim A?", "yes"), ("Claim B?", "no")]),
+            cauldron_row([png((3, 3, 3))], [("One image?", "no")])]
+    write_parquet(tmp_path / "train-00000.parquet", rows)
+    out = tmp_path / "out"
+    nlvr2.convert(tmp_path / "train-00000.parquet", out, val_rows=0)
+    (rec,) = read(out / "nlvr2_train.jsonl")
+    assert rec["conversations"] == [
+        {"images": ["train/train-0000000000.0.png", "train/train-0000000000.1.png"], "user": "Claim A?", "assistant": "yes"},
+        {"images": [], "user": "Claim B?", "assistant": "no"}]
+    assert read(out / "skipped.jsonl")[0]["reason"] == "expected 2 image(s), found 1"
+
+
+# ---------------------------------------------------------------- LLaVA / ShareGPT
+
+def test_llava(tmp_path):
+    for name in ("coco/a.jpg", "coco/b.jpg"):
+        p = tmp_path / "imgs" / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (5, 4), (9, 9, 9)).save(p)
+    items = [
+        {"id": "a", "image": "coco/a.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A box."},
+            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Grey."}]},
+        {"id": 2, "image": ["coco/a.jpg", "coco/b.jpg"], "conversations": [
+            {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+            {"from": "human", "value": "Compare\n<image>\n<image>"}, {"from": "gpt", "value": "Same."}]},
+        {"id": "noph", "image": "coco/b.jpg", "conversations": [
+            {"from": "human", "value": "Describe."}, {"from": "gpt", "value": "Grey."}]},
+        {"id": "text", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+        {"id": "mismatch", "image": "coco/a.jpg", "conversations": [
+            {"from": "human", "value": "<image><image>x"}, {"from": "gpt", "value": "y"}]},
+        {"id": "order", "conversations": [{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}]},
+        {"id": "lost", "image": "coco/zzz.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]},
+        {"id": "a", "conversations": [{"from": "human", "value": "dup"}, {"from": "gpt", "value": "dup"}]},
+    ]
+    src = tmp_path / "mix.json"
+    src.write_text(json.dumps(items, indent=1))
+    out = tmp_path / "out"
+    stats = llava.convert(src, out, image_folder=tmp_path / "imgs", source="mix")
+    assert stats["records"] == {"mix.jsonl": 4} and stats["skipped"] == 4
+    recs = read(out / "mix.jsonl")
+    assert recs[0] == {"id": "a", "source": "mix", "conversations": [
+        {"images": ["coco/a.jpg"], "user": "What is it?", "assistant": "A box."},
+        {"images": [], "user": "Colour?", "assistant": "Grey."}]}
+    assert recs[1]["id"] == "2" and [t["images"] for t in recs[1]["conversations"]] == [[], ["coco/a.jpg", "coco/b.jpg"]]
+    assert recs[1]["conversations"][1]["user"] == "Compare"
+    assert recs[2]["conversations"][0]["images"] == ["coco/b.jpg"]
+    assert recs[3]["conversations"] == [{"images": [], "user": "2+2?", "assistant": "4"}]
+    skipped = read(out / "skipped.jsonl")
+    assert [(s["line"], s["id"]) for s in skipped] == [("item 4", "mismatch"), ("item 5", "order"),
+                                                       ("item 6", "lost"), ("item 7", "a")]
+    assert skipped[0]["reason"] == "2 <image> placeholder(s) but 1 image(s)"
+    assert check.check(out / "mix.jsonl")["problems"] == []
+
+
+def test_sharegpt(tmp_path):
+    write_png(tmp_path / "pics" / "p.png", (7, 7, 7))
+    data_url = "data:image/png;base64," + base64.b64encode(png((1, 2, 3))).decode()
+    items = [
+        {"id": "m1", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url}},
+                                         {"type": "image", "image": "pics/p.png"},
+                                         {"type": "text", "text": "What differs?"}]},
+            {"role": "assistant", "content": "Colour."},
+            {"role": "user", "content": [{"type": "text", "text": "Sure?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Yes."}]}]},
+        {"messages": [{"role": "user", "content": "<image>Name it."}, {"role": "assistant", "content": "P."}],
+         "images": ["pics/p.png"]},
+        {"id": "web", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": "https://x/y.png"}]},
+            {"role": "assistant", "content": "?"}]},
+    ]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(i) + "\n" for i in items))
+    out = tmp_path / "out"
+    stats = sharegpt.convert(src, out)
+    assert stats["records"] == {"chat.jsonl": 2} and stats["skipped"] == 1
+    r0, r1 = read(out / "chat.jsonl")
+    data_rel = r0["conversations"][0]["images"][0]
+    assert data_rel.startswith("chat/") and data_rel.endswith(".png")
+    assert (out / "images" / data_rel).read_bytes() == png((1, 2, 3))
+    assert r0 == {"id": "m1", "source": "sharegpt", "conversations": [
+        {"images": [data_rel, "pics/p.png"], "user": "What differs?", "assistant": "Colour."},
+        {"images": [], "user": "Sure?", "assistant": "Yes."}], "system": "Be brief."}
+    assert r1 == {"id": "chat-00000001", "source": "sharegpt", "conversations": [
+        {"images": ["pics/p.png"], "user": "Name it.", "assistant": "P."}]}
+    (s,) = read(out / "skipped.jsonl")
+    assert s["id"] == "web" and "offline" in s["reason"]
+    with pytest.raises(ConvertError, match=r"chat\.jsonl:3: remote image URL"):
+        sharegpt.convert(src, tmp_path / "strict", strict=True)
+
+
+# ---------------------------------------------------------------- check
+
+def test_check_reports_problems(tmp_path):
+    write_png(tmp_path / "images" / "ok.png")
+    (tmp_path / "images" / "bad.png").write_bytes(b"nope")
+    (tmp_path / "images" / "empty.png").write_bytes(b"")
+    turn = lambda imgs: {"images": imgs, "user": "q", "assistant": "a"}  # noqa: E731
+    lines = [json.dumps({"id": "1", "source": "s", "conversations": [turn(["ok.png", "ok.png"])]}),
+             json.dumps({"id": "2", "source": "s", "conversations": [turn(["bad.png"]), turn(["empty.png"])]}),
+             json.dumps({"id": "1", "source": "s", "conversations": [turn(["gone.png"])]}),
+             "{oops",
+             json.dumps({"id": "4", "source": "s", "conversations": [{"images": [], "user": "q"}]})]
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    s = check.check(f)
+    assert (s["records"], s["turns"], s["images"], s["distinct_images"]) == (3, 4, 5, 4)
+    probs = s["problems"]
+    assert len(probs) == 6
+    assert "d.jsonl:2: field 'conversations[0].images[0]'" in probs[0] and "does not open with PIL" in probs[0]
+    assert "d.jsonl:2: field 'conversations[1].images[0]'" in probs[1] and "empty file" in probs[1]
+    assert "d.jsonl:3: field 'id': duplicate '1' (first at line 1)" in probs[2]
+    assert "d.jsonl:3:" in probs[3] and probs[3].endswith("missing")
+    assert "d.jsonl:4: invalid JSON" in probs[4]
+    assert "d.jsonl:5: field 'conversations[0].assistant': missing" in probs[5]
+    r = subprocess.run([sys.executable, "-m", "convert.check", str(f)], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 1 and "3 records, 4 turns, 5 images (4 distinct), 6 problems" in r.stdout
+    good = tmp_path / "g.jsonl"
+    good.write_text(lines[0] + "\n")
+    r = subprocess.run([sys.executable, "-m", "convert.check", str(good), "--images_dir", str(tmp_path / "images")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "0 problems" in r.stdout
