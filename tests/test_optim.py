@@ -244,6 +244,10 @@ def _worker(rank, world, port, tmp):
             torch.save(opt.state_dict(), tmp / f"ws2_rank{rank}.pt")
             train(model, opt, RESUME_AT, STEPS, n_micro=2, rank=rank, world=world)
             out["straight"], out["straight_state"] = trainable(model), opt.state_dict()
+            model = build()
+            opt = make_opt(model, mode="allreduce")
+            train(model, opt, 0, RESUME_AT, n_micro=2, rank=rank, world=world)
+            torch.save(opt.state_dict(), tmp / f"allreduce2_rank{rank}.pt")
         sources = {2: ["ws2", "ws1"], 3: ["ws2"]}[world]
         for src in sources:
             files = sorted(tmp.glob(f"{src}_rank*.pt"))
@@ -296,12 +300,13 @@ def _runs(tmp):
     for world in (2, 3):
         mp.spawn(_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
         res[world] = [torch.load(tmp / f"out_ws{world}_rank{r}.pt") for r in range(world)]
-    # 2 ranks -> 1 rank, in process.
-    model = build()
-    opt = make_opt(model)
-    opt.load_sharded([tmp / "ws2_rank0.pt", tmp / "ws2_rank1.pt"])
-    train(model, opt, RESUME_AT, STEPS, n_micro=2)
-    res[1]["from_ws2"], res[1]["from_ws2_state"] = trainable(model), opt.state_dict()
+    # 2 ranks -> 1 rank, in process; also from the allreduce mode's (replicated) state.
+    for src in ("ws2", "allreduce2"):
+        model = build()
+        opt = make_opt(model)
+        opt.load_sharded([tmp / f"{src}_rank0.pt", tmp / f"{src}_rank1.pt"])
+        train(model, opt, RESUME_AT, STEPS, n_micro=2)
+        res[1][f"from_{src}"], res[1][f"from_{src}_state"] = trainable(model), opt.state_dict()
     return res
 
 
@@ -334,6 +339,13 @@ def test_resume_two_ranks_on_one_is_bitwise(runs):
     straight = runs[2][0]["straight"]
     assert_equal_dicts(runs[1]["from_ws2"], straight)
     assert_equal_dicts(merged([runs[1]["from_ws2_state"]]),
+                       merged([runs[2][r]["straight_state"] for r in range(2)]))
+
+
+def test_resume_from_allreduce_mode_state(runs):
+    assert runs[1]["from_allreduce2_state"]["layout"]["mode"] == "zero2"
+    assert_equal_dicts(runs[1]["from_allreduce2"], runs[2][0]["straight"])
+    assert_equal_dicts(merged([runs[1]["from_allreduce2_state"]]),
                        merged([runs[2][r]["straight_state"] for r in range(2)]))
 
 
