@@ -78,7 +78,11 @@ if __name__ == "__main__":
     p.add_argument("--images_dir", default=None, help="image folder (default: images/ beside the file)")
     p.add_argument("--max_problems", type=int, default=50, help="problems to print (default 50)")
     a = p.parse_args()
-    s = check(a.file, a.images_dir)
+    try:
+        s = check(a.file, a.images_dir)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     for msg in s["problems"][:a.max_problems]:
         print(msg)
     if len(s["problems"]) > a.max_problems:

@@ -1,8 +1,10 @@
 """Shared converter machinery: split names, skip reports, image writing, deterministic output.
 
-Every converter builds an `Output`, feeds it records in input order (sorted files, row order),
-and calls `finish()`, which writes the images, drops records whose images failed, and writes
-`OUT/<file>.jsonl` plus `OUT/skipped.jsonl` byte-identically for the same input.
+Every converter builds an `Output` and feeds it records in input order (sorted files, row order);
+`Output.add` validates each record, rejects duplicate ids and writes its images (a record whose
+image is missing or broken is skipped); `finish()` writes `OUT/<file>.jsonl` and
+`OUT/skipped.jsonl`. The same input gives byte-identical output: fixed key order, one JSON
+spelling (`dumps`), images copied byte-for-byte or named by content.
 """
 import base64
 import hashlib
@@ -10,7 +12,6 @@ import io
 import json
 import os
 import re
-import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
@@ -116,8 +117,7 @@ class Output:
     lines are {"file", "line", "id", "reason"}. With strict=True the first skipped item raises.
     """
 
-    def __init__(self, out_dir, strict: bool = False, progress: bool = False, total: int | None = None,
-                 desc: str = "records"):
+    def __init__(self, out_dir, strict: bool = False, progress: bool = False):
         self.out_dir = Path(out_dir)
         self.strict = strict
         self.lines: dict[str, list] = {}            # file stem -> [json line]
@@ -126,7 +126,7 @@ class Output:
         self.skipped: list[dict] = []
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr, leave=False)
+        self.bar = tqdm(desc="records", disable=not progress, file=sys.stderr, leave=False)
 
     def skip(self, file, line, id, reason: str) -> None:
         """Report one skipped input item (or raise ConvertError under strict)."""

@@ -84,10 +84,10 @@ def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool
     on the nielsr test split instead, hence 0).
     """
     src = Path(src)
+    files = find_files(src, (".parquet", ".json"))
     out = Output(out_dir, strict=strict, progress=progress)
-    cauldron = []
-    n_used = 0
-    for f in find_files(src, (".parquet", ".json")):
+    cauldron, n_used = [], 0
+    for f in files:
         rel = f.relative_to(src) if f != src else Path(f.name)
         where = rel.as_posix()
         if f.suffix == ".parquet":

@@ -48,9 +48,10 @@ def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool
     `workers` is unused (copying images is I/O bound); `val_rows` applies to Cauldron input only.
     """
     src = Path(src)
+    files = find_files(src, (".jsonl", ".parquet"))
     out = Output(out_dir, strict=strict, progress=progress)
     cauldron, n_used = [], 0
-    for f in find_files(src, (".jsonl", ".parquet")):
+    for f in files:
         rel = (f.relative_to(src) if f != src else Path(f.name)).as_posix()
         if f.suffix == ".parquet":
             if is_cauldron(f):

@@ -58,8 +58,8 @@ def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool
     `workers` is unused (I/O bound); `val_rows` applies to Cauldron input only.
     """
     src = Path(src)
-    out = Output(out_dir, strict=strict, progress=progress)
     files = find_files(src, (".json", ".jsonl", ".parquet"))
+    out = Output(out_dir, strict=strict, progress=progress)
     index = {}  # image stem -> first path in sorted order
     img_root = src if src.is_dir() else src.parent
     for p in sorted(q for q in img_root.rglob("*") if q.suffix.lower() in IMAGE_EXTS and q.is_file()):

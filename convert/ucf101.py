@@ -2,13 +2,16 @@
 
     python -m convert.ucf101 --src UCF101_subset --out_dir OUT [--num_frames 8] [--classes A,B] [--workers 4]
 
-`--src` holds train/ val/ test/, each with <Class>/*.avi (or is a folder whose only child is
-UCF101_subset/). Differences from the recipe script: videos are taken in sorted order rather
+`--src` holds train/ val/ test/, each with <Class>/*.avi, or is a folder whose only child is
+UCF101_subset/, or is the recipe's download UCF101_subset.tar.gz (or a hub snapshot folder holding
+just that archive), which is extracted to a temporary folder. Differences from the recipe script: videos are taken in sorted order rather
 than glob order, a video that cannot be read or has fewer frames than asked for is skipped
 (OUT/skipped.jsonl) and its id is left unused so the others keep theirs, and with a num_frames
 whose float stride yields one index too many only the first num_frames indices are kept.
 Needs PyAV (`pip install phi3v[video]`).
 """
+import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +39,17 @@ def find_root(src: Path) -> Path:
     if len(children) == 1 and any((children[0] / s).is_dir() for s in SPLITS):
         return children[0]
     raise ConvertError(f"{src}: expected train/ val/ test/ folders (or a single UCF101_subset/ child)")
+
+
+def find_archive(src: Path) -> Path | None:
+    """The recipe's download, UCF101_subset.tar.gz: `src` itself, or the only .tar.gz in a hub snapshot folder."""
+    if src.is_file() and src.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return src
+    if src.is_dir() and not any((src / s).is_dir() for s in SPLITS):
+        tars = sorted(p for p in src.iterdir() if p.name.endswith((".tar.gz", ".tgz")) and p.is_file())
+        if len(tars) == 1 and not [c for c in src.iterdir() if c.is_dir() and not c.name.startswith(".")]:
+            return tars[0]
+    return None
 
 
 def frame_indices(total: int, num_frames: int) -> list:
@@ -71,7 +85,8 @@ def extract(job) -> tuple:
                 if i >= wanted[-1]:
                     break
     except Exception as e:  # av raises its own error types for corrupt input
-        return "skip", f"unreadable video: {type(e).__name__}: {e}"
+        msg = getattr(e, "strerror", None) or str(e)  # strerror: without the (absolute) file name
+        return "skip", f"unreadable video: {type(e).__name__}: {msg}"
     missing = [wanted[k] for k, f in enumerate(frames) if f is None]
     if missing:
         return "skip", f"metadata says {total} frames but frame {missing[0]} could not be decoded"
@@ -84,6 +99,13 @@ def extract(job) -> tuple:
 def convert(src, out_dir, num_frames: int = 8, classes: list | None = None, strict: bool = False,
             workers: int = 1, progress: bool = False) -> dict:
     """Convert a UCF-101 split tree; returns stats {"records": {file: n}, "images", "skipped", ...}."""
+    archive = find_archive(Path(src))
+    if archive is not None:  # extract to a temporary folder, convert, clean up
+        with tempfile.TemporaryDirectory(prefix="ucf101_") as tmp:
+            with tarfile.open(archive) as tar:
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
+                tar.extractall(tmp, **safe)
+            return convert(tmp, out_dir, num_frames, classes, strict, workers, progress)
     root = find_root(Path(src))
     out_dir = Path(out_dir)
     if num_frames < 1:

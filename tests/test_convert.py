@@ -3,6 +3,7 @@ import base64
 import io
 import json
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -193,6 +194,19 @@ def test_ucf101_deterministic_classes_and_strict(ucf_src, tmp_path):
         ucf101.convert(ucf_src, tmp_path / "d", classes=["Basketball"])
 
 
+def test_ucf101_from_recipe_archive(ucf_src, tmp_path):
+    """The recipe's UCF101_subset.tar.gz (alone in a hub-snapshot-like folder) converts like the tree."""
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    with tarfile.open(snap / "UCF101_subset.tar.gz", "w:gz") as tar:
+        tar.add(ucf_src / "UCF101_subset", arcname="UCF101_subset")
+    (snap / "README.md").write_text("hub card")
+    ucf101.convert(snap, tmp_path / "a", classes=["Archery"])
+    ucf101.convert(ucf_src, tmp_path / "b", classes=["Archery"])
+    assert tree_bytes(tmp_path / "a") == tree_bytes(tmp_path / "b")
+    assert [r["id"] for r in read(tmp_path / "a" / "ucf101_val.jsonl")] == ["val-0000000002"]
+
+
 def test_ucf101_cli(ucf_src, tmp_path):
     r = subprocess.run([sys.executable, "-m", "convert.ucf101", "--src", str(ucf_src), "--out_dir",
                         str(tmp_path / "o"), "--classes", "Archery,ApplyEyeMakeup", "--no_progress"],
@@ -251,6 +265,19 @@ def test_docvqa_parquet_and_official_json(tmp_path):
     assert tree_bytes(out) == tree_bytes(again)
     with pytest.raises(ConvertError, match=r"row 2: no answers"):
         docvqa.convert(src, tmp_path / "strict", strict=True)
+
+
+def test_docvqa_cauldron_multi_qa(tmp_path):
+    write_parquet(tmp_path / "docvqa" / "train-00000-of-00002.parquet",
+                  [cauldron_row([png((5, 5, 5))], [("Q1?", "A1"), ("Q2?", "A2")])])
+    write_parquet(tmp_path / "docvqa" / "train-00001-of-00002.parquet",
+                  [cauldron_row([png((6, 6, 6))], [("Q3?", "A3")])])
+    out = tmp_path / "out"
+    assert docvqa.convert(tmp_path, out)["records"] == {"docvqa_train.jsonl": 2}
+    r0, r1 = read(out / "docvqa_train.jsonl")
+    assert r0["conversations"] == [{"images": ["train/train-0000000000.0.png"], "user": "Q1?", "assistant": "A1"},
+                                   {"images": [], "user": "Q2?", "assistant": "A2"}]
+    assert r1["id"] == "train-0000000001" and (out / "images" / "train" / "train-0000000001.0.png").exists()
 
 
 # ---------------------------------------------------------------- hateful memes
