@@ -4,7 +4,11 @@ The toy model has ~5.2k trainable elements, so with 2048-element chunks the flat
 is split: params straddle shard boundaries and the last shard is short.
 """
 import math
+import os
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -369,3 +373,34 @@ def test_inf_on_one_rank_skips_everywhere(runs, world):
     for r in range(world):
         assert runs[world][r]["inf_norm"] == float("inf")
         assert runs[world][r]["inf_weights_unchanged"]
+
+
+# --- dist helpers -------------------------------------------------------------------------------
+
+def test_dist_helpers_world_of_one(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert pdist.init().type in ("cpu", "cuda") and not dist.is_initialized()
+    assert pdist.rank() == 0 and pdist.world_size() == 1 and pdist.is_main()
+    t = torch.tensor([3.0])
+    assert pdist.all_reduce_sum(t) is t and t.item() == 3.0
+    assert pdist.broadcast_object({"a": 1}) == {"a": 1}
+    pdist.barrier()
+    pdist.cleanup()
+
+
+def test_dist_init_from_torchrun_env():
+    script = ("import torch; from phi3v import dist; dist.init(); "
+              "t = dist.all_reduce_sum(torch.tensor([dist.rank() + 1.0])); "
+              "o = dist.broadcast_object('from %d' % dist.rank()); dist.barrier(); "
+              "print(dist.world_size(), t.item(), o); dist.cleanup()")
+    port = str(_free_port())
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "CUDA_VISIBLE_DEVICES": "",
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        procs.append(subprocess.Popen([sys.executable, "-c", script], env=env,
+                                      stdout=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == ["2 3.0 from 0", "2 3.0 from 0"]
