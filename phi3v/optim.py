@@ -52,9 +52,13 @@ class ZeroAdamW:
         named = [(n, p) for n, p in named if p.requires_grad]
         if not named:
             raise ValueError("ZeroAdamW got no trainable parameters")
+        seen = set()
         for n, p in named:
             if not p.is_contiguous():
                 raise ValueError(f"parameter {n} is not contiguous")
+            if id(p) in seen:  # tied weights would be updated twice
+                raise ValueError(f"parameter {n} is given twice")
+            seen.add(id(p))
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.lr, self.betas, self.eps = lr, betas, eps
