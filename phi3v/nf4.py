@@ -1,0 +1,331 @@
+"""NF4 (4-bit NormalFloat) weight quantisation written from scratch, the frozen base of QLoRA.
+
+Matches bitsandbytes' `quantize_4bit(quant_type="nf4")` / `Linear4bit` numerics (QLoRA paper,
+Dettmers et al. 2023): the weight is flattened, cut into blocks of 64, each block is scaled by its
+absmax and every value is replaced by the index of the nearest of 16 NF4 levels; two 4-bit indices
+share a byte, the first element in the high nibble. Optional double quantisation stores the
+absmax values themselves in 8 bits: subtract their mean, then blockwise (256) quantise with
+bitsandbytes' signed 8-bit dynamic map. Packed bytes and absmax are byte-identical to
+bitsandbytes without double quantisation; with it, our nearest-value rounding of the absmax may
+differ from bitsandbytes' by one 8-bit step.
+
+`NF4Linear` is a module swap (STYLE practice 6): `quantize_nf4(model)` replaces the decoder's
+frozen `nn.Linear`s before `apply_lora`, and LoRA wraps an `NF4Linear` exactly like an
+`nn.Linear`. Its forward dequantises inside a custom autograd Function that saves only the packed
+state, so no full-size weight is kept for backward.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# The 16 NF4 levels (quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0), as float32 values
+# identical to bitsandbytes' table.
+NF4_CODE = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float32)
+
+NESTED_BLOCK = 256  # bitsandbytes' block size for the double-quantised absmax values
+
+
+def dynamic_map(max_exponent_bits: int = 7) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic tree" map (256 sorted values in [-1, 1]).
+
+    For each decade 10^(i-6), i = 0..6, the midpoints of 2^i equal steps over [0.1, 1] (both signs),
+    plus 0 and 1: fine resolution near zero, where most centred absmax values fall.
+    """
+    data = []
+    for i in range(max_exponent_bits):
+        edges = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0
+        scale = 10 ** (-(max_exponent_bits - 1) + i)
+        data += (scale * means).tolist() + (-scale * means).tolist()
+    data += [0.0, 1.0]
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _nearest(x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest value of the sorted `code` for each element (ties go to the lower one)."""
+    mids = (code[1:] + code[:-1]) / 2
+    return torch.bucketize(x, mids.to(x.device), out_int32=True).to(torch.uint8)
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Flat float32 view of x cut into [n_blocks, block], zero-padded at the end (pads never raise an absmax)."""
+    flat = x.reshape(-1).float()
+    pad = (-flat.numel()) % block
+    return F.pad(flat, (0, pad)).view(-1, block)
+
+
+def _absmax_scale(absmax: torch.Tensor) -> torch.Tensor:
+    # an all-zero block has absmax 0: divide by 1 instead, so every value lands on the exact 0 code
+    return torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+
+
+@dataclass
+class NF4Weight:
+    """A quantised tensor. absmax is float32 [n_blocks], or uint8 when double-quantised (then
+    absmax = nested_code[absmax] * nested_absmax[i // 256] + offset)."""
+    packed: torch.Tensor                      # uint8 [ceil(numel / 2)], first element in the high nibble
+    absmax: torch.Tensor
+    shape: tuple[int, ...]
+    block_size: int = 64
+    code: torch.Tensor = NF4_CODE
+    nested_absmax: torch.Tensor | None = None  # float32 [ceil(n_blocks / 256)]
+    nested_code: torch.Tensor | None = None    # float32 [256], the dynamic map
+    offset: torch.Tensor | None = None         # float32 scalar, mean of the absmax values
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    def nbytes(self) -> int:
+        ts = [self.packed, self.absmax, self.code] + ([self.nested_absmax, self.nested_code, self.offset]
+                                                      if self.double_quant else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+
+def quantize_nf4_tensor(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantise `w` (any float dtype, any shape) to NF4 with blockwise absmax, optionally double-quantised."""
+    if not w.is_floating_point():
+        raise ValueError(f"NF4 quantises floating-point tensors, got {w.dtype}")
+    if block_size <= 0 or block_size % 2:
+        raise ValueError(f"block_size must be a positive even number, got {block_size}")
+    b = _blocks(w.detach(), block_size)                           # [nb, block]
+    absmax = b.abs().amax(dim=1)                                   # [nb]
+    idx = _nearest(b / _absmax_scale(absmax)[:, None], NF4_CODE)   # [nb, block] in 0..15
+    idx = idx.view(-1)[: w.numel() + (w.numel() % 2)].view(-1, 2)  # pairs; odd numel keeps one pad code
+    packed = (idx[:, 0] << 4) | idx[:, 1]                          # high nibble = first element
+    q = NF4Weight(packed.contiguous(), absmax, tuple(w.shape), block_size, NF4_CODE.to(w.device))
+    if double_quant:
+        offset = absmax.mean()
+        nb = _blocks(absmax - offset, NESTED_BLOCK)                # [n_nested, 256]
+        nested_absmax = nb.abs().amax(dim=1)
+        dyn = dynamic_map().to(w.device)
+        q.absmax = _nearest(nb / _absmax_scale(nested_absmax)[:, None], dyn).view(-1)[: absmax.numel()]
+        q.nested_absmax, q.nested_code, q.offset = nested_absmax, dyn, offset
+    return q
+
+
+def _absmax(absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
+    """Float32 absmax per block, undoing the double quantisation if there is one."""
+    if nested_absmax is None:
+        return absmax
+    i = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCK
+    return nested_code[absmax.long()] * nested_absmax[i] + offset
+
+
+def _dequantize(packed, absmax, code, nested_absmax, nested_code, offset, shape, block_size, dtype):
+    numel = math.prod(shape)
+    idx = torch.stack([packed >> 4, packed & 15], dim=1).view(-1).long()   # element order restored
+    vals = code[idx]                                                       # float32 levels
+    pad = (-vals.numel()) % block_size
+    vals = F.pad(vals, (0, pad)).view(-1, block_size)                     # [nb, block]
+    scale = _absmax(absmax, nested_absmax, nested_code, offset)
+    return (vals * scale[:, None]).view(-1)[:numel].view(shape).to(dtype)
+
+
+def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """code[nibble] * absmax[block] in float32, then cast to `dtype` (bitsandbytes' formula)."""
+    return _dequantize(q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset,
+                       q.shape, q.block_size, dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+def _bits(t: torch.Tensor | None) -> torch.Tensor | None:
+    # float32 quantisation state is stored as int32 bits: nn.Module.to(dtype) / .half() cast every
+    # floating buffer, which would round the absmax values; integer buffers only follow the device
+    return None if t is None else t.float().clone().view(torch.int32)
+
+
+def _float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.view(torch.float32)
+
+
+def bnb_available() -> bool:
+    """bitsandbytes installed (it is an optional CUDA backend, never required)."""
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """y = x @ dequant(W).T + b that saves only the packed state; W is rebuilt for the input grad."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer: "NF4Linear", *state):
+        ctx.layer = layer
+        ctx.save_for_backward(*state)
+        w = layer._dequantize_from(state, x.dtype)
+        return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * (3 + len(ctx.saved_tensors))
+        w = ctx.layer._dequantize_from(ctx.saved_tensors, grad_out.dtype)
+        # base weight and bias are frozen: a gradient for the input only
+        return (grad_out.matmul(w), None, None) + (None,) * len(ctx.saved_tensors)
+
+
+class NF4Linear(nn.Module):
+    """A frozen Linear stored as NF4 (+ optional bias); forward dequantises to the input's dtype."""
+
+    def __init__(self, q: NF4Weight, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16,
+                 backend: str = "torch"):
+        super().__init__()
+        if backend not in ("torch", "bnb"):
+            raise ValueError(f"NF4Linear backend must be 'torch' or 'bnb', got {backend!r}")
+        if backend == "bnb" and not bnb_available():
+            raise ValueError("NF4Linear backend='bnb' needs bitsandbytes (pip install bitsandbytes)")
+        # "bnb": bitsandbytes' 4-bit matmul on CUDA inputs, same packed layout; CPU inputs use ours
+        self.backend = backend
+        if len(q.shape) != 2:
+            raise ValueError(f"NF4Linear needs a 2-d weight, got shape {list(q.shape)}")
+        self.out_features, self.in_features = q.shape
+        self.block_size = q.block_size
+        self.compute_dtype = compute_dtype   # dtype of the original weight: default of dequantize()
+        # "quant" in every buffer name: hf_state_dict refuses them (dequantise / merge before export)
+        self.register_buffer("quant_packed", q.packed)
+        self.register_buffer("quant_absmax", q.absmax if q.double_quant else _bits(q.absmax))
+        self.register_buffer("quant_code", _bits(q.code))
+        self.register_buffer("quant_nested_absmax", _bits(q.nested_absmax))
+        self.register_buffer("quant_nested_code", _bits(q.nested_code))
+        self.register_buffer("quant_offset", _bits(q.offset))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, double_quant: bool = True, block_size: int = 64,
+                    backend: str = "torch") -> "NF4Linear":
+        q = quantize_nf4_tensor(linear.weight, block_size=block_size, double_quant=double_quant)
+        return cls(q, linear.bias, compute_dtype=linear.weight.dtype, backend=backend)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.quant_nested_absmax is not None
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        ts = (self.quant_packed, self.quant_absmax, self.quant_code)
+        return ts + ((self.quant_nested_absmax, self.quant_nested_code, self.quant_offset) if self.double_quant else ())
+
+    def _dequantize_from(self, state, dtype) -> torch.Tensor:
+        packed, absmax, code = state[:3]
+        nested = (_float(state[3]), _float(state[4]), _float(state[5])) if len(state) > 3 else (None, None, None)
+        if not self.double_quant:
+            absmax = _float(absmax)
+        return _dequantize(packed, absmax, _float(code), *nested, (self.out_features, self.in_features),
+                           self.block_size, dtype)
+
+    def nf4_weight(self) -> NF4Weight:
+        """The stored quantisation state as an NF4Weight (float32 views of the stored bits)."""
+        dq = self.double_quant
+        return NF4Weight(self.quant_packed, self.quant_absmax if dq else _float(self.quant_absmax),
+                         (self.out_features, self.in_features), self.block_size, _float(self.quant_code),
+                         _float(self.quant_nested_absmax), _float(self.quant_nested_code), _float(self.quant_offset))
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._dequantize_from(self._state(), dtype or self.compute_dtype)
+
+    def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
+        """A plain frozen nn.Linear holding the dequantised weight (for merge / export)."""
+        dtype = dtype or self.compute_dtype
+        w = self.dequantize(dtype)
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.detach().to(dtype).clone(), requires_grad=False)
+        return lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "bnb" and x.is_cuda:
+            return self._forward_bnb(x)
+        return _NF4Matmul.apply(x, self.bias, self, *self._state())
+
+    def _forward_bnb(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' fused 4-bit matmul on the same packed layout (optional, CUDA only)."""
+        import bitsandbytes as bnb
+        from bitsandbytes.functional import QuantState
+        state2 = None
+        absmax = self.quant_absmax
+        if self.double_quant:
+            state2 = QuantState(absmax=_float(self.quant_nested_absmax), code=_float(self.quant_nested_code),
+                                blocksize=NESTED_BLOCK, dtype=torch.float32)
+        else:
+            absmax = _float(absmax)
+        qs = QuantState(absmax=absmax, shape=torch.Size((self.out_features, self.in_features)),
+                        code=_float(self.quant_code), blocksize=self.block_size, quant_type="nf4", dtype=x.dtype,
+                        offset=_float(self.quant_offset) if self.double_quant else None, state2=state2)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return bnb.matmul_4bit(x, self.quant_packed.view(-1, 1).t(), quant_state=qs, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"block_size={self.block_size}, double_quant={self.double_quant}")
+
+
+# ------------------------------------------------------------------------------------------------
+DECODER_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+def quantize_nf4(model: nn.Module, targets=None, double_quant: bool = True, block_size: int = 64,
+                 backend: str = "torch") -> nn.Module:
+    """Swap frozen nn.Linears for NF4Linear in place (QLoRA base); returns the model.
+
+    Default: the language model decoder's linears (under `layers.`); `lm_head` and the vision tower
+    stay in the model dtype. `targets` (names matched exactly or as a `.`-suffix, like peft) replaces
+    that set. Call before `apply_lora`: LoRA then wraps the NF4Linear. backend="bnb" runs CUDA
+    inputs through bitsandbytes' kernels (optional, same numerics within rounding).
+    """
+    from .lora import LoRALinear  # a LoRA base cannot be quantised after the fact
+    default = targets is None
+    targets = list(DECODER_TARGETS if default else ([targets] if isinstance(targets, str) else targets))
+    if not targets:
+        raise ValueError("quantize_nf4: empty targets")
+    swaps, seen = [], set()
+    for name, mod in model.named_modules():
+        if default and not name.startswith("layers."):
+            continue
+        hit = [t for t in targets if name == t or name.endswith("." + t)]
+        if not hit:
+            continue
+        seen.update(hit)
+        if isinstance(mod, NF4Linear):
+            continue
+        if isinstance(mod, LoRALinear):
+            raise ValueError(f"quantize_nf4: {name!r} already has LoRA; quantise before apply_lora")
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"quantize_nf4: target {hit[0]!r} matches {name!r}, a {type(mod).__name__}, not nn.Linear")
+        swaps.append((name, mod))
+    missing = [t for t in targets if t not in seen]
+    if missing:
+        raise ValueError(f"quantize_nf4: target(s) {missing} match no module of the model")
+    for name, mod in swaps:
+        parent, _, leaf = name.rpartition(".")
+        q = NF4Linear.from_linear(mod, double_quant=double_quant, block_size=block_size, backend=backend)
+        q.train(mod.training)
+        setattr(model.get_submodule(parent) if parent else model, leaf, q)
+    return model
+
+
+def nf4_nbytes(shape: tuple[int, ...], block_size: int = 64, double_quant: bool = True) -> int:
+    """Bytes an NF4Linear of this weight shape stores (without bias), computed without allocating."""
+    n = math.prod(shape)
+    nb = -(-n // block_size)
+    size = -(-n // 2) + 16 * 4                                   # packed nibbles + code table
+    if double_quant:
+        return size + nb + 4 * -(-nb // NESTED_BLOCK) + 256 * 4 + 4  # u8 absmax, nested absmax, map, offset
+    return size + 4 * nb                                         # float32 absmax
+
+
+def nf4_bytes_per_param(model: nn.Module) -> float:
+    """Stored bytes per weight parameter over the model's NF4Linears (0.5 + scale overhead)."""
+    layers = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    if not layers:
+        raise ValueError("the model has no NF4Linear (call quantize_nf4 first)")
+    nbytes = sum(sum(b.numel() * b.element_size() for b in m._state()) for m in layers)
+    return nbytes / sum(m.in_features * m.out_features for m in layers)
