@@ -46,8 +46,7 @@ class LoRALinear(nn.Module):
         self.rank, self.alpha, self.init, self.use_rslora = rank, alpha, init, use_rslora
         self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        device = next(base_layer.buffers(), None) if isinstance(base_layer, NF4Linear) else base_layer.weight
-        device = device.device if device is not None else None
+        device = (base_layer.quant_packed if isinstance(base_layer, NF4Linear) else base_layer.weight).device
         # float32 whatever the base dtype: tiny, and updates are not lost to bf16 rounding
         self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=device, dtype=torch.float32)
@@ -333,8 +332,12 @@ def _read_config(d: Path) -> dict:
                    "target_parameters": None, "trainable_token_indices": None}
     for key, ok in unsupported.items():
         v = cfg.get(key, ok)
-        if v != ok and not (ok is None and v in ([], {}, "")) and not (ok == {} and v is None):
+        if v != ok and (v or ok):      # null / [] / {} / false all mean "off"
             raise ValueError(f"{path}: {key}={v!r} is not supported (only plain LoRA: {key}={ok!r})")
+    # PiSSA, OLoRA, LoftQ, ... initialisations rewrite the base weights: the adapter alone is not enough
+    if cfg.get("init_lora_weights", True) not in (True, False, "gaussian"):
+        raise ValueError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} adapters need the base weights "
+                         "that initialisation modified; convert it to a plain LoRA adapter with peft first")
     return cfg
 
 

@@ -224,6 +224,18 @@ def test_zero_b_output_equals_base():
         assert torch.equal(model(ids).logits, base(ids).logits)
 
 
+def test_vision_lora_with_images(tiny_ckpt, golden_dir, cases):
+    """LoRA on CLIP and the projector leaves the image path working (B = 0: identical output)."""
+    x = inputs(golden_dir, cases["lora_mf_one_image"])
+    model = apply_lora(Phi3V.from_pretrained(tiny_ckpt), rank=4, alpha=8, targets=LM + VISION)
+    with torch.no_grad():
+        a = model(**x).hidden_states
+        b = Phi3V.from_pretrained(tiny_ckpt)(**x).hidden_states
+        assert torch.equal(a, b)
+        randomize_b(model)
+        assert (model(**x).hidden_states - b).abs().max() > 1e-3
+
+
 def test_only_lora_trainable_and_defaults():
     model = apply_lora(tiny_model())
     lora = [m for m in model.modules() if isinstance(m, LoRALinear)]
@@ -350,6 +362,8 @@ QKV0 = "base_model.model.model.layers.0.self_attn.qkv_proj"
     (lambda c: c.update(use_dora=True), None, "use_dora"),
     (lambda c: c.update(rank_pattern={"qkv_proj": 4}), None, "rank_pattern"),
     (lambda c: c.update(peft_type="IA3"), None, "IA3"),
+    (lambda c: c.update(init_lora_weights="pissa"), None, "pissa"),
+    (lambda c: c.update(modules_to_save=["lm_head"]), None, "modules_to_save"),
 ])
 def test_bad_adapter_is_a_clear_error(tiny_ckpt, adapter_dir, tmp_path, cfg_edit, tensor_edit, match):
     bad = broken(adapter_dir, tmp_path, cfg_edit, tensor_edit)
