@@ -1,0 +1,243 @@
+"""Training data: jsonl records -> token ids + labels + crops, collation, packing and sampling.
+
+Follows the recipe's `Phi3VDataset` (RECIPE §2.2, §6): each turn's user text gets
+`<|image_1|>..<|image_n|>\\n` in front, goes through the chat template with the generation prompt
+and the processor; the answer `assistant<|end|>\\n<|endoftext|>` is tokenized without special
+tokens. Labels are -100 on every prompt token and the answer ids elsewhere; multi-turn records
+train on every assistant turn.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from convert.schema import IMAGE_TAG, validate_record
+
+from .processor import Processor
+
+ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
+
+
+def user_content(user: str, n_images: int) -> str:
+    tags = "".join(f"<|image_{k}|>" for k in range(1, n_images + 1))
+    return f"{tags}\n{user}" if n_images else user
+
+
+@dataclass
+class Record:
+    where: str                 # "file:line" for error messages
+    rec: dict
+    length: int                # exact token count (images included), computed without decoding pixels
+
+
+class JsonlDataset(torch.utils.data.Dataset):
+    """A jsonl file of the recipe's format. Everything but pixel decoding is checked up front.
+
+    `max_length`: samples longer than this are never truncated (that would cut an image run);
+    they are dropped and counted in `self.dropped`, or raise with `on_too_long="error"`.
+    `on_bad_record="skip"` drops malformed records (listed in `self.skipped`) instead of raising.
+    """
+
+    def __init__(self, path: str | Path, processor: Processor, images_dir: str | Path | None = None,
+                 max_length: int | None = None, on_too_long: str = "drop", on_bad_record: str = "error",
+                 progress=None):
+        if on_too_long not in ("drop", "error") or on_bad_record not in ("error", "skip"):
+            raise ValueError(f"bad policy on_too_long={on_too_long!r} on_bad_record={on_bad_record!r}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"data file {self.path} does not exist")
+        self.images_dir = Path(images_dir) if images_dir is not None else self.path.parent / "images"
+        self.proc = processor
+        self.skip_bad = on_bad_record == "skip"
+        self.records: list[Record] = []
+        self.skipped: list[str] = []      # "file:line: reason" of every dropped malformed record
+        self.dropped: list[str] = []      # ids of samples longer than max_length
+        lines = enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1)
+        for line_no, line in (progress(lines) if progress else lines):
+            if not line.strip():
+                continue
+            where = f"{self.path}:{line_no}"
+            try:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+                validate_record(rec, where)
+                length = self.count_tokens(rec, where)
+            except ValueError as e:
+                if not self.skip_bad:
+                    raise
+                self.skipped.append(str(e))
+                continue
+            if max_length is not None and length > max_length:
+                if on_too_long == "error":
+                    raise ValueError(f"{where}: sample {rec['id']!r} has {length} tokens > max_length {max_length} "
+                                     "(samples are never truncated inside image runs)")
+                self.dropped.append(rec["id"])
+                continue
+            self.records.append(Record(where, rec, length))
+        if not self.records:
+            raise ValueError(f"{self.path}: no usable records ({len(self.skipped)} malformed, "
+                             f"{len(self.dropped)} longer than max_length)")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [r.length for r in self.records]
+
+    def image_path(self, rel: str, where: str) -> Path:
+        p = self.images_dir / rel
+        if not p.is_file():
+            raise ValueError(f"{where}: image {rel!r} not found (looked for {p})")
+        return p
+
+    def prompt(self, turn: dict) -> str:
+        msg = {"role": "user", "content": user_content(turn["user"], len(turn["images"]))}
+        return self.proc.apply_chat_template([msg], add_generation_prompt=True)
+
+    def count_tokens(self, rec: dict, where: str) -> int:
+        """Exact sample length from image headers (no pixel decoding) and the tokenizer."""
+        n = 0
+        for turn in rec["conversations"]:
+            for rel in turn["images"]:
+                p = self.image_path(rel, where)
+                try:
+                    with Image.open(p) as im:
+                        w, h = im.size
+                except Exception as e:
+                    raise ValueError(f"{where}: cannot open image {rel!r}: {e}") from None
+                n += self.proc.image_processor.num_image_tokens(w, h)
+            text = self.prompt(turn)
+            # with images every chunk between tags is tokenized with its own BOS (the reference)
+            parts = IMAGE_TAG.split(text) if turn["images"] else [text]
+            n += sum(len(self.proc.encode(p, add_special_tokens=True)) for p in parts)
+            n += len(self.proc.encode(turn["assistant"] + ANSWER_SUFFIX))
+        return n
+
+    def __getitem__(self, i: int) -> dict | None:
+        r = self.records[i]
+        try:
+            return self.build(r)
+        except ValueError as e:
+            if self.skip_bad:
+                return {"skipped": str(e), "index": i}
+            raise
+
+    def build(self, r: Record) -> dict:
+        ids, labels, pixels, sizes = [], [], [], []
+        for turn in r.rec["conversations"]:
+            images = []
+            for rel in turn["images"]:
+                p = self.image_path(rel, r.where)
+                try:
+                    with Image.open(p) as im:
+                        im.load()
+                        images.append(im.copy())
+                except Exception as e:
+                    raise ValueError(f"{r.where}: cannot decode image {rel!r}: {e}") from None
+            try:
+                enc = self.proc(self.prompt(turn), images or None)
+            except ValueError as e:
+                raise ValueError(f"{r.where}: {e}") from None
+            prompt_ids = enc["input_ids"][0].tolist()
+            answer = self.proc.encode(turn["assistant"] + ANSWER_SUFFIX)
+            ids += prompt_ids + answer
+            labels += [-100] * len(prompt_ids) + answer
+            if images:
+                pixels.append(enc["pixel_values"])
+                sizes.append(enc["image_sizes"])
+        if len(ids) != r.length:
+            raise ValueError(f"{r.where}: sample has {len(ids)} tokens, {r.length} were counted from the headers "
+                             "(image changed on disk?)")
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                "pixel_values": torch.cat(pixels) if pixels else None,
+                "image_sizes": torch.cat(sizes) if sizes else None, "index": r.rec["id"]}
+
+
+def collate(samples: list[dict], pad_id: int, pack: bool = False) -> dict:
+    """Samples -> one micro-batch.
+
+    Right padding (rows = samples), or with `pack` one row holding every sample back to back
+    (no padding at all). `doc_ids [B, T]` numbers the samples inside each row (padding is a
+    document of its own), which is what `Phi3V.hidden_packed` needs. pixel_values/image_sizes
+    are concatenated in row-major placeholder order.
+    """
+    skipped = [s["skipped"] for s in samples if "skipped" in s]
+    samples = [s for s in samples if "skipped" not in s]
+    if not samples:
+        return {"skipped": skipped, "n_samples": 0}
+    if pack:
+        rows = [torch.cat([s["input_ids"] for s in samples])[None]]
+        labels = [torch.cat([s["labels"] for s in samples])[None]]
+        doc = torch.cat([torch.full_like(s["input_ids"], j) for j, s in enumerate(samples)])[None]
+        input_ids, labels = rows[0], labels[0]
+    else:
+        t = max(len(s["input_ids"]) for s in samples)
+        b = len(samples)
+        input_ids = torch.full((b, t), pad_id, dtype=torch.long)
+        labels = torch.full((b, t), -100, dtype=torch.long)
+        doc = torch.ones(b, t, dtype=torch.long)
+        for j, s in enumerate(samples):
+            n = len(s["input_ids"])
+            input_ids[j, :n], labels[j, :n], doc[j, :n] = s["input_ids"], s["labels"], 0
+    pv = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    sz = [s["image_sizes"] for s in samples if s["image_sizes"] is not None]
+    return {"input_ids": input_ids, "labels": labels, "doc_ids": doc,
+            "pixel_values": torch.cat(pv) if pv else None, "image_sizes": torch.cat(sz) if sz else None,
+            "n_samples": len(samples), "skipped": skipped, "ids": [s["index"] for s in samples]}
+
+
+class StepSampler:
+    """Deterministic, resumable sampling: optimizer step -> this rank's micro-batches of indices.
+
+    Every epoch is a seeded permutation of the dataset cut into global batches of `batch_size`
+    samples (the last one may be smaller). A global batch is sorted by length (length grouping:
+    similar lengths share a micro-batch, little padding), cut into micro-batches, and these are
+    dealt round-robin to the ranks. The state is just the step counter.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, micro_batch_size: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, group_by_length: bool = True):
+        self.lengths, self.batch_size, self.micro = lengths, batch_size, micro_batch_size
+        self.rank, self.world, self.seed, self.group = rank, world_size, seed, group_by_length
+        self.steps_per_epoch = math.ceil(len(lengths) / batch_size)
+
+    def global_batch(self, step: int) -> list[int]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = list(range(len(self.lengths)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[k * self.batch_size:(k + 1) * self.batch_size]
+
+    def micro_batches(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches for optimizer step `step` (may be empty for a short last batch)."""
+        idx = self.global_batch(step)
+        if self.group:
+            idx = sorted(idx, key=lambda i: (-self.lengths[i], i))
+        micro = [idx[j:j + self.micro] for j in range(0, len(idx), self.micro)]
+        return micro[self.rank::self.world]
+
+    def batches(self, start_step: int, total_steps: int):
+        """All micro-batches of steps start_step..total_steps-1, in order (a DataLoader batch_sampler)."""
+        for step in range(start_step, total_steps):
+            yield from self.micro_batches(step)
+
+
+class StepBatchSampler(torch.utils.data.Sampler):
+    """`StepSampler.batches` as a torch batch sampler (so DataLoader workers prefetch ahead)."""
+
+    def __init__(self, sampler: StepSampler, start_step: int, total_steps: int):
+        self.s, self.start, self.total = sampler, start_step, total_steps
+
+    def __iter__(self):
+        return self.s.batches(self.start, self.total)
+
+    def __len__(self) -> int:
+        return sum(len(self.s.micro_batches(k)) for k in range(self.start, self.total))
