@@ -194,8 +194,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
     """Load -> quantise (QLoRA) -> LoRA / freezing -> activation checkpointing."""
     model = Phi3V.from_pretrained(cfg.model, dtype=dtype, device=device)
     model.requires_grad_(cfg.mode == "full")
-    if cfg.mode == "qlora":
-        quantize_nf4(model)
+    if cfg.mode == "qlora":   # NF4 for the decoder and CLIP linears (the recipe's bnb: all but lm_head)
+        quantize_nf4(model, targets=LM_TARGETS + ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
     if cfg.mode in ("lora", "qlora"):
         torch.manual_seed(cfg.seed)          # adapter init is part of the run's determinism
         if cfg.adapter:

@@ -156,8 +156,8 @@ class ImageEmbedding(nn.Module):
         """-> projected image features [sum tokens, D], in image order."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             feats = self.hd_features(pixel_values, image_sizes)
-            w = self.img_projection[0].weight
-            return self.img_projection(feats.to(w.dtype))
+            # the model dtype (the projector may be an NF4/LoRA module whose .weight is not a tensor)
+            return self.img_projection(feats.to(self.glb_GN.dtype))
 
 
 def check_image_inputs(cfg: Phi3VConfig, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:
