@@ -111,6 +111,7 @@ def draw_frame(cls: str, k: int, rng: random.Random, size=(96, 72), start=(0, 0)
 def write_dataset(out_dir: str | Path, n_train: int = 96, n_val: int = 24, n_test: int = 24, seed: int = 0) -> Path:
     """`out_dir/images/{split}/{Class}/v_{Class}_gXX_cYY.{k}.jpg` + `ucf101_{split}.jsonl` (recipe layout)."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     counter = 0
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):

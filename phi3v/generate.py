@@ -1,0 +1,74 @@
+"""Inference from the command line:
+
+    python -m phi3v.generate --model microsoft/Phi-3.5-vision-instruct --image a.jpg --prompt "What is shown?"
+    python -m phi3v.generate --model base_dir --adapter output/ucf101 --image f0.jpg --image f1.jpg --prompt "..."
+
+Each --image becomes <|image_k|> in front of the prompt (unless the prompt already holds the tags);
+the answer is printed to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .lora import load_adapter, merge_lora
+from .model import Phi3V
+from .processor import Processor
+
+
+def build_prompt(proc: Processor, prompt: str, n_images: int, system: str | None = None) -> str:
+    """The chat prompt for one user turn; image tags are prepended unless the text has its own."""
+    if n_images and not re.search(r"<\|image_\d+\|>", prompt):
+        prompt = "".join(f"<|image_{k}|>" for k in range(1, n_images + 1)) + "\n" + prompt
+    msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return proc.apply_chat_template(msgs, add_generation_prompt=True)
+
+
+def answer(model: Phi3V, proc: Processor, prompt: str, images=(), max_new_tokens: int = 256,
+           do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, system: str | None = None) -> str:
+    """Generate the assistant's reply to one prompt (+ images: PIL images or paths)."""
+    enc = proc(build_prompt(proc, prompt, len(images), system), list(images) or None)
+    new = model.generate(enc["input_ids"], pixel_values=enc.get("pixel_values"), image_sizes=enc.get("image_sizes"),
+                         max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    return proc.decode(new[0], skip_special_tokens=True).strip()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Generate an answer with Phi-3.5-vision (optionally + a LoRA adapter)")
+    p.add_argument("--model", required=True, help="HF-layout directory or hub id")
+    p.add_argument("--adapter", help="peft adapter directory (e.g. a train.py output_dir)")
+    p.add_argument("--image", action="append", default=[], help="image file (repeat for several / video frames)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--system", help="optional system message")
+    p.add_argument("--num_crops", type=int, help="HD crops per image (default: preprocessor_config.json)")
+    p.add_argument("--max_new_tokens", type=int, default=256)
+    p.add_argument("--do_sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    dtype = getattr(torch, a.dtype or ("bfloat16" if a.device.startswith("cuda") else "float32"))
+    try:
+        model = Phi3V.from_pretrained(a.model, dtype=dtype, device=a.device)
+        tok_dir = a.model
+        if a.adapter:
+            load_adapter(model, a.adapter)
+            merge_lora(model)
+            if (Path(a.adapter) / "tokenizer.json").exists():
+                tok_dir = a.adapter
+        proc = Processor.from_pretrained(tok_dir, num_crops=a.num_crops)
+        print(answer(model, proc, a.prompt, a.image, a.max_new_tokens, a.do_sample, a.temperature, a.top_p, a.system))
+    except (ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"phi3v.generate: error: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
