@@ -6,7 +6,7 @@ H heads, hd head dim, V vocab.
 """
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rot * sin
 
 
+FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
+
+
+def use_flash_attn(q: torch.Tensor) -> bool:
+    """flash-attn (optional, untested here: SDPA is the default fast path) for causal CUDA fp16/bf16."""
+    return FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
 class KVCache:
     """Preallocated per-layer key/value buffers [B, H, max_len, hd]; `length` keys are valid."""
 
@@ -99,7 +107,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                # [B, H, S, hd]
-        if isinstance(mask, str):   # "causal": no padding, no past keys
+        if isinstance(mask, str) and use_flash_attn(q):      # optional fast path when flash-attn is installed
+            from flash_attn import flash_attn_func
+            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+        elif isinstance(mask, str):   # "causal": no padding, no past keys
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -341,9 +352,3 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator=None) -> torch.Te
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
-
-@contextlib.contextmanager
-def no_init():
-    """Build modules on the meta device (no memory, no random init)."""
-    with torch.device("meta"):
-        yield
