@@ -341,6 +341,27 @@ def pair_turns(msgs: list) -> tuple:
     return system, pairs
 
 
+def convert_chat_file(src, out_dir, to_record, image_folder=None, source: str = "", strict: bool = False,
+                      progress: bool = False) -> dict:
+    """Shared loop of the chat-format converters (llava, sharegpt): one json/jsonl file in,
+    `OUT/<stem>.jsonl` out; `to_record(item, index, stem, source, folder) -> (record, images)`."""
+    src = Path(src)
+    if not src.is_file():
+        raise ConvertError(f"{src}: not a file")
+    folder = Path(image_folder) if image_folder else src.parent
+    out = Output(out_dir, strict=strict, progress=progress)
+    for i, (line, item) in enumerate(read_json_or_jsonl(src, out, src.name)):
+        try:
+            rec, images = to_record(item, i, src.stem, source, folder)
+        except ValueError as e:
+            rid = item.get("id") if isinstance(item, dict) else None
+            out.skip(src.name, line, None if rid is None else str(rid), str(e))
+            continue
+        out.add(src.stem, rec, src.name, line, images)
+    out.lines.setdefault(src.stem, [])
+    return out.finish()
+
+
 def add_common_args(parser) -> None:
     """The flags every converter CLI shares."""
     parser.add_argument("--src", required=True, help="raw dataset folder (or file)")

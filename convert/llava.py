@@ -13,8 +13,7 @@ human/gpt, are skipped and reported. A missing id becomes "{stem}-{index:08d}".
 """
 from pathlib import Path
 
-from .common import (ConvertError, Output, add_common_args, local_image, pair_turns, read_json_or_jsonl,
-                     run_cli, strip_placeholders)
+from .common import (add_common_args, convert_chat_file, local_image, pair_turns, run_cli, strip_placeholders)
 from .schema import make_record, make_turn
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -57,21 +56,7 @@ def to_record(item, index: int, stem: str, source: str, folder: Path) -> tuple:
 def convert(src, out_dir, image_folder=None, source: str = "llava", strict: bool = False,
             workers: int = 1, progress: bool = False) -> dict:
     """Convert one LLaVA json/jsonl file; returns stats. `workers` is unused (I/O bound)."""
-    src = Path(src)
-    if not src.is_file():
-        raise ConvertError(f"{src}: not a file")
-    folder = Path(image_folder) if image_folder else src.parent
-    out = Output(out_dir, strict=strict, progress=progress)
-    for i, (line, item) in enumerate(read_json_or_jsonl(src, out, src.name)):
-        try:
-            rec, images = to_record(item, i, src.stem, source, folder)
-        except ValueError as e:
-            rid = item.get("id") if isinstance(item, dict) else None
-            out.skip(src.name, line, None if rid is None else str(rid), str(e))
-            continue
-        out.add(src.stem, rec, src.name, line, images)
-    out.lines.setdefault(src.stem, [])
-    return out.finish()
+    return convert_chat_file(src, out_dir, to_record, image_folder, source, strict, progress)
 
 
 if __name__ == "__main__":
