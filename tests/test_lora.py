@@ -15,6 +15,8 @@ from phi3v.hf import to_hf
 from phi3v.lora import (LoRALinear, apply_lora, load_adapter, lora_parameters, lora_state_dict, merge_lora,
                         save_adapter)
 
+from hf_reference import transformers_phi3
+
 LM = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 VISION = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "img_projection.0", "img_projection.2"]
 
@@ -148,26 +150,11 @@ def test_peft_targets_select_exactly_our_modules(tmp_path):
 # peft itself, on transformers' Phi3ForCausalLM with the tiny decoder's weights
 @pytest.fixture(scope="module")
 def hf_phi3(tiny_ckpt):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("peft")
     cfg = Phi3VConfig.from_json(tiny_ckpt / "config.json")
-    hcfg = transformers.Phi3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
-        original_max_position_embeddings=cfg.original_max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "longrope", "rope_theta": cfg.rope_theta,
-                         "short_factor": list(cfg.rope_short_factor), "long_factor": list(cfg.rope_long_factor)},
-        pad_token_id=cfg.pad_token_id, eos_token_id=2, tie_word_embeddings=False)
-    hcfg._attn_implementation = "eager"
-    sd = {k: v for k, v in load_file(str(tiny_ckpt / "model.safetensors")).items()
-          if not k.startswith("model.vision_embed_tokens.")}
-    def build():
-        ref = transformers.Phi3ForCausalLM(hcfg).float().eval()
-        missing, unexpected = ref.load_state_dict(sd, strict=False)
-        assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-        return ref
-    return build
+    sd = load_file(str(tiny_ckpt / "model.safetensors"))
+    return lambda: transformers_phi3(cfg, sd, eos_token_id=2)
 
 
 def text(n, seed):

@@ -9,6 +9,8 @@ from phi3v import Phi3V, Phi3VConfig
 from phi3v.hf import to_hf
 from phi3v.model import KVCache
 
+from hf_reference import transformers_phi3
+
 
 @pytest.fixture(scope="module")
 def model(tiny_ckpt):
@@ -174,30 +176,12 @@ def test_bad_image_sizes(model, cases, golden_dir):
 
 # ---------------------------------------------------------------------------------------------
 # parity of the decoder and the CLIP tower with transformers, on tiny random configs
-def hf_phi3(cfg: Phi3VConfig, model: Phi3V):
-    transformers = pytest.importorskip("transformers")
-    hcfg = transformers.Phi3Config(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
-        original_max_position_embeddings=cfg.original_max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
-        rope_parameters={"rope_type": "longrope", "rope_theta": cfg.rope_theta,
-                         "short_factor": list(cfg.rope_short_factor), "long_factor": list(cfg.rope_long_factor)},
-        pad_token_id=cfg.pad_token_id, eos_token_id=cfg.pad_token_id, tie_word_embeddings=False)
-    hcfg._attn_implementation = "eager"
-    ref = transformers.Phi3ForCausalLM(hcfg).eval()
-    ours = {to_hf(k): v for k, v in model.state_dict().items() if not k.startswith("vision.")}
-    missing, unexpected = ref.load_state_dict(ours, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return ref
-
-
 @pytest.mark.needs_reference
 @pytest.mark.parametrize("seq_len", [100, 400])       # short and long LongRoPE regimes (orig 256)
 def test_decoder_matches_transformers_phi3(seq_len):
     cfg = Phi3VConfig.tiny(vocab_size=1000, pad_token_id=999)
     model = Phi3V.from_config(cfg, seed=1).eval()
-    ref = hf_phi3(cfg, model)
+    ref = transformers_phi3(cfg, {to_hf(k): v for k, v in model.state_dict().items()}, cfg.pad_token_id)
     ids = torch.randint(0, 1000, (2, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(ids)
