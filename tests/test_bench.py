@@ -1,0 +1,92 @@
+"""CPU smoke test of bench/train_step.py: both implementations run a real step on the tiny config and
+the results file has PERF.md's schema. The figures are CPU/tiny ones: only their sign is checked."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "train_step.py"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("bench") / "cpu-smoke.json"
+    cmd = [sys.executable, str(SCRIPT), "--config", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+           "--impl", "both", "--samples", "docvqa", "--modes", "lora,full", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_results_schema(smoke):
+    res, _ = smoke
+    for key in ("device", "torch", "command", "runs", "date", "git_commit"):
+        assert key in res, key
+    assert isinstance(res["device"], str) and res["device"]
+    assert "bench/train_step.py" in res["command"] and "--config tiny" in res["command"]
+    assert any("NOT A GPU FIGURE" in n for n in res["notes"])       # a CPU run says so
+    got = {(r["impl"], r["mode"], r["sample"]) for r in res["runs"]}
+    assert got == {(i, m, "docvqa") for i in ("phi3v", "hf") for m in ("lora", "full")}
+    for r in res["runs"]:
+        for key in ("impl", "mode", "sample", "config", "tokens", "samples_per_s", "mfu", "peak_mem_gb"):
+            assert key in r, (key, r)
+        assert isinstance(r["config"], dict) and r["config"]["recompute"] in ("none", "full")
+        assert r["tokens"] == 2443                                    # 2353 image tokens + 90 text
+
+
+def test_figures_positive(smoke):
+    res, stdout = smoke
+    for r in res["runs"]:
+        where = f"{r['impl']}/{r['mode']}"
+        assert "error" not in r and "skipped" not in r, (where, r.get("error") or r.get("skipped"))
+        for key in ("samples_per_s", "tokens_per_s", "images_per_s", "mfu", "peak_mem_gb"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (where, key, r[key])
+        assert 0 < r["mfu"] < 1                                       # a fraction, not a percentage
+        assert math.isclose(r["tokens_per_s"], r["samples_per_s"] * r["tokens"], rel_tol=1e-9)
+        assert math.isfinite(r["loss_first"]) and r["loss_first"] > 0
+        assert r["config"]["trainable_params"] > 0
+    lora = {r["impl"]: r for r in res["runs"] if r["mode"] == "lora"}
+    assert lora["phi3v"]["config"]["lora_rank"] == 64 and lora["phi3v"]["config"]["vision_frozen"]
+    assert lora["phi3v"]["config"]["trainable_params"] == lora["hf"]["config"]["trainable_params"]
+    assert {q["mode"] for q in res["ratios"]} == {"lora", "full"}
+    assert "phi3v/hf lora docvqa" in stdout                           # the printed table and ratios
+
+
+def test_sample_shapes():
+    """The synthetic samples have PERF.md's token counts and crop layout on both configs."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import train_step
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    from phi3v import Phi3VConfig
+    for cfg in (Phi3VConfig(), Phi3VConfig.tiny()):
+        d = train_step.make_sample("docvqa", cfg)
+        assert d["tokens"] == 2443 and d["image_tokens"] == 2353 and d["real_crops"] == 16
+        assert list(d["pixel_values"].shape) == [1, 17, 3, 336, 336] and d["image_sizes"].tolist() == [[1008, 1680]]
+        u = train_step.make_sample("ucf", cfg)
+        assert u["tokens"] == 6116 and u["image_tokens"] == 8 * 757 and u["n_images"] == 8
+        assert list(u["pixel_values"].shape) == [8, 5, 3, 336, 336]
+        for s in (d, u):
+            assert int((s["input_ids"] < 0).sum()) == s["image_tokens"]
+            sup = s["labels"] != -100
+            assert 0 < int(sup.sum()) <= 8 and bool((s["input_ids"][sup] >= 0).all())
+
+
+def test_lora_trainable_count_matches_real_model():
+    """On the real shapes, our LoRA and peft's train the same number of parameters (meta device)."""
+    import torch
+
+    from phi3v import Phi3V, Phi3VConfig, apply_lora
+    with torch.device("meta"):
+        m = Phi3V(Phi3VConfig())
+    apply_lora(m, rank=64, alpha=128)
+    n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    # per layer: r * (in + out) for qkv (3072->9216), o (3072->3072), gate_up (3072->16384), down (8192->3072)
+    assert n == 32 * 64 * ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072))
