@@ -166,11 +166,13 @@ class _NF4Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # read saved_tensors once: non-reentrant activation checkpointing allows a single unpack
+        state = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * (3 + len(ctx.saved_tensors))
-        w = ctx.layer._dequantize_from(ctx.saved_tensors, grad_out.dtype)
+            return (None,) * (3 + len(state))
+        w = ctx.layer._dequantize_from(state, grad_out.dtype)
         # base weight and bias are frozen: a gradient for the input only
-        return (grad_out.matmul(w), None, None) + (None,) * len(ctx.saved_tensors)
+        return (grad_out.matmul(w), None, None) + (None,) * len(state)
 
 
 class NF4Linear(nn.Module):
