@@ -250,6 +250,21 @@ def evaluate(model, proc, cfg: TrainConfig, records, images_dir, show: bool) -> 
     return out
 
 
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to `step` (a resumed run logs the later steps again); a line cut by a
+    crash is dropped."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except (ValueError, AttributeError):
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def plot_loss(metrics: list[dict], path: Path) -> None:
     """loss.png: matplotlib when installed, else a plain Pillow line plot."""
     pts = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
@@ -373,6 +388,8 @@ def main(cfg: TrainConfig) -> None:
                 log(f"this run already finished ({start_step} steps); nothing to do")
                 dist.cleanup()
                 return
+            if main_rank:
+                truncate_metrics(out / "metrics.jsonl", start_step)
 
     # --- evaluate before training (kept across resumes in eval.json) ------------------------------
     before = None
@@ -385,11 +402,14 @@ def main(cfg: TrainConfig) -> None:
             eval_path.write_text(json.dumps({"before": before, "after": None}, indent=2))
 
     # --- the loop -------------------------------------------------------------------------------
+    # own generator: iter(loader) draws a worker seed, which must not advance the global RNG that
+    # dropout uses (a resumed run restores that RNG and would otherwise be one draw ahead)
     loader = torch.utils.data.DataLoader(
         train_ds, batch_sampler=StepBatchSampler(sampler, start_step, total_steps),
         collate_fn=functools.partial(collate, pad_id=proc.pad_token_id, pack=cfg.packing),
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
+        persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
     metrics_f = open(out / "metrics.jsonl", "a") if main_rank else None
     tb = None
