@@ -341,7 +341,8 @@ def main(cfg: TrainConfig) -> None:
             raise ValueError("--eval_only needs an eval split (--eval_file or the preset's val file)")
         res = evaluate(model, proc, cfg, eval_records, eval_images, main_rank)
         if main_rank:
-            eval_path.write_text(json.dumps({"before": res, "after": None}, indent=2))
+            # nothing is trained: the model before and after is the one evaluated
+            eval_path.write_text(json.dumps({"before": res, "after": res}, indent=2))
             log(f"eval: {json.dumps({k: v for k, v in res.items() if k != 'examples'})} -> {eval_path}")
         dist.cleanup()
         return
@@ -452,7 +453,8 @@ def main(cfg: TrainConfig) -> None:
         done = step + 1
         if done % cfg.logging_steps == 0 or done == total_steps:
             dt = time.time() - log_t0
-            rec = {"step": done, "loss": log_loss / max(log_tok, 1), "lr": lr, "grad_norm": gnorm,
+            rec = {"step": done, "loss": log_loss / max(log_tok, 1), "lr": lr,
+                   "grad_norm": gnorm if math.isfinite(gnorm) else None,   # strict JSON: no NaN/inf
                    "tokens_per_s": log_tokens_seen / dt, "epoch": done / sampler.steps_per_epoch,
                    "skipped_samples": skipped_total}
             if overflow:
@@ -463,7 +465,8 @@ def main(cfg: TrainConfig) -> None:
                 metrics_f.flush()
                 if tb:
                     for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        tb.add_scalar(f"train/{k}", rec[k], done)
+                        if rec[k] is not None:
+                            tb.add_scalar(f"train/{k}", rec[k], done)
             if bar is None:
                 log(json.dumps(rec))
             log_loss, log_tok, log_t0, log_tokens_seen = 0.0, 0, time.time(), 0
