@@ -1,0 +1,436 @@
+"""train.py end to end, as the real CLI (subprocesses, torchrun with gloo for 2 ranks): outputs,
+exact resume (also after SIGKILL, also mid-checkpoint), 1 vs 2 ranks, every mode and preset,
+bad input, the recipe's flag aliases. Tiny model, 8 training clips, 2..4 optimizer steps
+(6 in the one slow test); the default run takes about 2 minutes on 2 idle cores."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from train_helpers import (ENV, REPO, command, copy_truncated, differing, final_state, kill_when, max_diff,
+                           metrics, start, train)
+
+sys.path.insert(0, str(REPO))
+import train as train_py  # noqa: E402
+from phi3v import Phi3V, Processor, demo, load_adapter  # noqa: E402
+from phi3v.checkpoint import latest_checkpoint  # noqa: E402
+
+N = 4  # optimizer steps of the reference runs (8 samples, batch 4: 2 epochs), checkpoints at 2 and 4
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The built-in tiny model and a small demo dataset, written once."""
+    root = tmp_path_factory.mktemp("train_base")
+    demo.write_base_model(root / "model", num_crops=1)
+    demo.write_dataset(root / "data", n_train=8, n_val=2, n_test=0)
+    return root
+
+
+def common(base, out, steps=N) -> list:
+    return ["--task", "demo", "--model", base / "model", "--data_dir", base / "data", "--output_dir", out,
+            "--no_tqdm", "--batch_size", 4, "--micro_batch_size", 2, "--max_eval_samples", 2,
+            "--max_new_tokens", 4, "--num_workers", 0, "--logging_steps", 1, "--max_steps", steps]
+
+
+def resumable(base, out) -> list:
+    return common(base, out) + ["--save_steps", 2, "--keep_checkpoints", 5]
+
+
+@pytest.fixture(scope="module")
+def ref(base, tmp_path_factory):
+    """The uninterrupted 1-rank LoRA run (N steps, checkpoints every 2, merged export)."""
+    out = tmp_path_factory.mktemp("ref") / "out"
+    r = train(resumable(base, out) + ["--merge"])
+    return out, r
+
+
+@pytest.fixture(scope="module")
+def ref2(base, tmp_path_factory):
+    """The same run on 2 ranks (torchrun, gloo)."""
+    out = tmp_path_factory.mktemp("ref2") / "out"
+    train(resumable(base, out), nproc=2)
+    return out
+
+
+def assert_step_records(out, steps):
+    recs = [m for m in metrics(out) if "loss" in m]
+    assert [m["step"] for m in recs] == list(range(1, steps + 1)), "one record per logged step, each once"
+    for m in recs:
+        assert 0 < m["loss"] < 100 and m["lr"] >= 0
+        if m.get("fp16_overflow_skipped"):
+            assert m["grad_norm"] is None
+        else:
+            assert m["grad_norm"] >= 0
+    return recs
+
+
+# ---------------------------------------------------------------- outputs
+
+def test_every_promised_output(ref):
+    out, r = ref
+    recs = assert_step_records(out, N)
+    assert recs[0]["lr"] == 0.0 and recs[1]["lr"] > 0                     # warmup starts at 0
+    evals = [m for m in metrics(out) if "loss" not in m]
+    assert len(evals) == 1 and 0 <= evals[0]["eval_after"] <= 1 and 0 <= evals[0]["eval_before"] <= 1
+    for s in (2, 4):
+        ck = out / "checkpoints" / f"step-{s}"
+        listed = json.loads((ck / "COMPLETE").read_text())["files"]
+        assert {"weights.safetensors", "optim_rank0.pt", "meta.json"} <= set(listed)
+        assert all((ck / f).stat().st_size == size for f, size in listed.items())
+        assert json.loads((ck / "meta.json").read_text())["step"] == s
+    assert latest_checkpoint(out).name == f"step-{N}"
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and cfg["peft_type"] == "LORA"
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert adapter and all(torch.isfinite(v).all() for v in adapter.values())
+    assert any("vision_embed_tokens" in k for k in adapter), "vision LoRA is on unless --freeze_vision"
+    ev = json.loads((out / "eval.json").read_text())
+    for when in ("before", "after"):
+        assert 0.0 <= ev[when]["accuracy"] <= 1.0 and ev[when]["n"] == 2
+    with Image.open(out / "loss.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    assert "Traceback" not in r.stderr
+
+
+def test_adapter_equals_checkpoint_weights(ref, base):
+    """The exported peft adapter is the trained state: loading it reproduces the step-N weights."""
+    out, _ = ref
+    m = Phi3V.from_pretrained(base / "model")
+    load_adapter(m, out)
+    w = load_file(out / "checkpoints" / f"step-{N}" / "weights.safetensors")
+    params = dict(m.named_parameters())
+    assert w and all(torch.equal(params[k], v) for k, v in w.items())
+
+
+# ---------------------------------------------------------------- resume
+
+def test_no_checkpoint_then_sigkill_after_checkpoint_resumes_bitwise_with_dropout(base, tmp_path):
+    """LoRA dropout 0.1, so the RNG state must continue exactly too."""
+    def args(out):
+        return resumable(base, out) + ["--lora_dropout", 0.1]
+    straight = tmp_path / "straight"
+    train(args(straight))
+    out, log = tmp_path / "run", tmp_path / "log1"
+    p = start(args(out) + ["--resume"], log)        # nothing to resume yet
+    kill_when(p, lambda: (out / "checkpoints" / "step-2" / "COMPLETE").exists(), log)
+    assert "no complete checkpoint" in log.read_text() and "starting from scratch" in log.read_text()
+    ck = latest_checkpoint(out)
+    assert ck is not None and ck.name == "step-2", "killed too late (test timing)"
+    r = train(args(out) + ["--resume"])
+    assert f"resumed from {ck}" in r.stdout
+    bad = differing(final_state(out, N), final_state(straight, N))
+    assert not bad, f"resumed run differs from the uninterrupted one in {bad[:5]}"
+    assert_step_records(out, N)
+    assert json.loads((out / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
+
+
+def test_sigkill_while_writing_checkpoint_resumes_bitwise(base, ref, tmp_path):
+    for attempt in range(3):
+        out, log = tmp_path / f"run{attempt}", tmp_path / f"log{attempt}"
+        tmp4 = out / "checkpoints" / ".tmp-step-4"
+        p = start(resumable(base, out), log)
+        kill_when(p, lambda: (tmp4 / "optim_rank0.pt").exists(), log)
+        if tmp4.exists() and not (out / "checkpoints" / "step-4").exists():
+            break       # killed mid-save
+    else:
+        pytest.fail("could not land a SIGKILL while step-4 was being written in 3 tries")
+    assert latest_checkpoint(out).name == "step-2", "the previous checkpoint must stay usable"
+    r = train(resumable(base, out) + ["--resume"])
+    assert "resumed from" in r.stdout and "step-2" in r.stdout
+    assert not tmp4.exists()
+    bad = differing(final_state(out, N), final_state(ref[0], N))
+    assert not bad, f"resumed run differs from the uninterrupted one in {bad[:5]}"
+    assert_step_records(out, N)      # steps 3-4 logged before the kill appear once, not twice
+
+
+def test_resume_finished_run_does_nothing(base, ref, tmp_path):
+    out = tmp_path / "done"
+    shutil.copytree(ref[0], out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    r = train(resumable(base, out) + ["--resume"])
+    assert "already finished" in r.stdout
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_two_ranks_match_one_rank(ref, ref2):
+    """CONTRACT: a 2-rank demo run gives the adapter of the 1-rank run within 1e-4 (dropout 0).
+    (Here each run uses train.py's default threads: 2 for one process, 1 per rank for two.)"""
+    one = load_file(ref[0] / "adapter_model.safetensors")
+    two = load_file(ref2 / "adapter_model.safetensors")
+    assert max_diff(one, two) < 1e-4
+    assert sorted(p.name for p in (ref2 / "checkpoints" / f"step-{N}").glob("optim_rank*.pt")) == \
+        ["optim_rank0.pt", "optim_rank1.pt"]
+    assert_step_records(ref2, N)
+    assert [m["loss"] for m in metrics(ref2) if "loss" in m] == \
+        pytest.approx([m["loss"] for m in metrics(ref[0]) if "loss" in m], rel=1e-5)
+
+
+# train.py gives each process cores // LOCAL_WORLD_SIZE threads, and CPU matmuls round differently
+# with a different thread count. With the thread count of a 2-rank run (LOCAL_WORLD_SIZE=2) a
+# single process must give bitwise the 2-rank result: the micro-batches, the token-count
+# normalisation and the sharded optimizer are all independent of the world size.
+ONE_THREAD = {"LOCAL_WORLD_SIZE": "2"}
+
+
+@pytest.fixture(scope="module")
+def ref1t(base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref1t") / "out"
+    train(resumable(base, out), env=ONE_THREAD)
+    return out
+
+
+def assert_bitwise(a_out: Path, b_out: Path):
+    a, b = final_state(a_out, N), final_state(b_out, N)
+    bad = differing(a, b)
+    assert not bad, f"{len(bad)} of {len(a)} tensors differ (max {max_diff(a, b):.3g}), e.g. {bad[:3]}"
+
+
+def test_two_ranks_bitwise_equal_one_rank_at_equal_threads(ref1t, ref2):
+    assert_bitwise(ref1t, ref2)
+
+
+def test_resume_two_ranks_to_one(base, ref2, tmp_path):
+    out = copy_truncated(ref2, tmp_path / "r21", keep_step=2)
+    r = train(resumable(base, out) + ["--resume"], env=ONE_THREAD)
+    assert "resumed from" in r.stdout and "world size 1" in r.stdout
+    assert len(list((out / "checkpoints" / f"step-{N}").glob("optim_rank*.pt"))) == 1
+    assert_bitwise(out, ref2)       # steps 1-2 on 2 ranks, 3-4 on 1 rank (re-partitioned optimizer)
+
+
+def test_resume_one_rank_to_two(base, ref1t, tmp_path):
+    out = copy_truncated(ref1t, tmp_path / "r12", keep_step=4)
+    ck = out / "checkpoints" / "step-2"
+    r = train(resumable(base, out) + ["--resume", ck], nproc=2)      # an explicit checkpoint dir
+    assert f"resumed from {ck}" in r.stdout and "world size 2" in r.stdout
+    assert len(list((out / "checkpoints" / f"step-{N}").glob("optim_rank*.pt"))) == 2
+    assert_bitwise(out, ref1t)      # steps 1-2 on 1 rank, 3-4 on 2 ranks
+
+
+@pytest.mark.slow
+def test_full_demo_one_and_two_ranks(tmp_path):
+    """The demo exactly as a newcomer runs it (defaults, built-in model and data): accuracy > 0.5,
+    and a 2-rank run gives the same adapter within 1e-4 (CONTRACT)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(["--task", "demo", "--output_dir", one, "--no_tqdm"])
+    ev = json.loads((one / "eval.json").read_text())
+    assert ev["after"]["accuracy"] > 0.5, ev["after"]
+    for name in ("metrics.jsonl", "adapter_config.json", "adapter_model.safetensors", "loss.png"):
+        assert (one / name).exists(), name
+    assert latest_checkpoint(one) is not None
+    train(["--task", "demo", "--output_dir", two, "--no_tqdm"], nproc=2)
+    assert max_diff(load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")) < 1e-4
+
+
+# ---------------------------------------------------------------- modes
+
+def test_merge_equals_base_plus_adapter(ref, base):
+    out, _ = ref
+    merged = Phi3V.from_pretrained(out / "merged").eval()
+    lora = Phi3V.from_pretrained(base / "model")
+    load_adapter(lora, out)
+    lora.eval()
+    proc = Processor.from_pretrained(out / "merged")
+    rec = json.loads((base / "data" / "ucf101_val.jsonl").read_text().splitlines()[0])
+    turn = rec["conversations"][0]
+    images = [Image.open(base / "data" / "images" / p).convert("RGB") for p in turn["images"]]
+    tags = "".join(f"<|image_{k}|>" for k in range(1, len(images) + 1))
+    prompt = proc.apply_chat_template([{"role": "user", "content": f"{tags}\n{turn['user']}"}])
+    enc = proc(prompt, images)
+    with torch.no_grad():
+        a = merged(enc["input_ids"], pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"]).logits
+        b = lora(enc["input_ids"], pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"]).logits
+        c = Phi3V.from_pretrained(base / "model").eval()(
+            enc["input_ids"], pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"]).logits
+    assert (a - b).abs().max().item() < 1e-4
+    assert (a - c).abs().max().item() > 1e-3, "the merged model must differ from the base"
+    assert not any("lora" in k for k in load_file(out / "merged" / "model.safetensors"))
+
+
+def test_full_with_frozen_vision(base, tmp_path):
+    out = tmp_path / "full"
+    train(common(base, out, steps=2) + ["--full", "--freeze_vision", "--num_workers", 1])   # a loader worker
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert not (out / "adapter_model.safetensors").exists()
+    trained = dict(Phi3V.from_pretrained(out).named_parameters())
+    orig = dict(Phi3V.from_pretrained(base / "model").named_parameters())
+    vision = [k for k in orig if k.startswith("vision.")]
+    assert vision and all(torch.equal(trained[k], orig[k]) for k in vision), "vision changed"
+    changed = [k for k in orig if not k.startswith("vision.") and not torch.equal(trained[k], orig[k])]
+    assert "lm_head.weight" in changed and any(k.startswith("layers.") for k in changed)
+    assert json.loads((out / "eval.json").read_text())["after"]["accuracy"] is not None
+
+
+def test_lora_frozen_vision_and_packing(base, ref, tmp_path):
+    """--packing: same step-1 loss as the padded reference (nothing trained yet, lr 0 at step 1;
+    the frozen vision only changes what is trained); --freeze_vision: no vision LoRA at all."""
+    out = tmp_path / "packed"
+    train(common(base, out, steps=2) + ["--packing", "--freeze_vision"])
+    packed = assert_step_records(out, 2)
+    padded = [m for m in metrics(ref[0]) if "loss" in m]
+    assert packed[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-5)
+    assert packed[1]["loss"] == pytest.approx(padded[1]["loss"], rel=1e-5)  # lr(0) = 0: same weights
+    keys = load_file(out / "adapter_model.safetensors").keys()
+    assert keys and not any("vision_embed_tokens" in k for k in keys)
+
+
+def test_qlora_on_cpu(base, tmp_path):
+    """Our NF4 base (activation checkpointing on, the default) + LoRA."""
+    out = tmp_path / "qlora"
+    r = train(common(base, out, steps=2) + ["--qlora"])
+    assert "mode qlora" in r.stdout
+    assert_step_records(out, 2)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
+    m = Phi3V.from_pretrained(base / "model")
+    load_adapter(m, out)                       # the adapter fits the unquantised base
+    assert json.loads((out / "eval.json").read_text())["after"] is not None
+
+
+def test_eval_only_with_adapter(base, ref, tmp_path):
+    out = tmp_path / "eval"
+    args = common(base, out) + ["--eval_only", "--adapter", ref[0]]
+    train(args)
+    ev = json.loads((out / "eval.json").read_text())
+    ref_after = json.loads((ref[0] / "eval.json").read_text())["after"]
+    for when in ("before", "after"):       # the contract's shape, also for --eval_only
+        assert ev[when]["examples"] == ref_after["examples"] and ev[when]["accuracy"] == ref_after["accuracy"]
+    assert not (out / "checkpoints").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_bf16_on_cpu_with_progress_bar(base, tmp_path):
+    out = tmp_path / "bf16"
+    r = train([a for a in common(base, out, steps=2) if a != "--no_tqdm"] + ["--bf16"])
+    assert "bfloat16" in r.stdout and "train:" in r.stderr      # tqdm's bar on stderr
+    assert_step_records(out, 2)
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_fp16_on_cpu(base, tmp_path):
+    try:
+        torch.ones(4, 4, dtype=torch.float16) @ torch.ones(4, 4, dtype=torch.float16)
+    except RuntimeError as e:
+        pytest.skip(f"fp16 matmul unsupported on this CPU build: {e}")
+    out = tmp_path / "fp16"
+    train(common(base, out, steps=2) + ["--fp16"])
+    recs = assert_step_records(out, 2)      # strict JSON: an overflowed step has grad_norm null
+    assert recs[0].get("fp16_overflow_skipped"), "loss scale 2^16 overflows at first (dynamic scaling)"
+    assert (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_fp16_on_cpu_trains_after_overflows(base, tmp_path):
+    out = tmp_path / "fp16"
+    train(common(base, out, steps=6) + ["--fp16"])
+    recs = assert_step_records(out, 6)
+    applied = [m for m in recs if not m.get("fp16_overflow_skipped")]
+    assert applied and applied[-1]["loss"] < recs[0]["loss"]
+
+
+# ---------------------------------------------------------------- presets
+
+@pytest.fixture(scope="module")
+def preset_data(tmp_path_factory):
+    """Every preset's converted layout, built with the converters from tiny raw inputs."""
+    pytest.importorskip("av")
+    import train_helpers as h
+    from convert import docvqa, hateful_memes, nlvr2, ucf101
+    root = tmp_path_factory.mktemp("presets")
+    for name, raw, conv in (("ucf101", h.ucf101_raw, ucf101.convert), ("docvqa", h.docvqa_raw, docvqa.convert),
+                            ("hateful_memes", h.hateful_memes_raw, hateful_memes.convert),
+                            ("nlvr2", h.nlvr2_raw, nlvr2.convert)):
+        conv(raw(root / "raw" / name), root / name)
+    return root
+
+
+@pytest.mark.parametrize("task", ["ucf101", "docvqa", "hateful_memes", "nlvr2", "jsonl"])
+def test_preset_runs(task, base, preset_data, tmp_path):
+    out = tmp_path / task
+    if task == "jsonl":
+        data = ["--train_file", preset_data / "nlvr2" / "nlvr2_train.jsonl",
+                "--eval_file", preset_data / "nlvr2" / "nlvr2_val.jsonl"]
+    else:
+        data = ["--data_dir", preset_data / task]
+    r = train(["--task", task, "--model", base / "model", *data, "--output_dir", out, "--no_tqdm",
+               "--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--max_eval_samples", 2,
+               "--max_new_tokens", 4, "--num_workers", 0, "--logging_steps", 1])
+    assert "train: 4 samples" in r.stdout
+    assert_step_records(out, 2)
+    ev = json.loads((out / "eval.json").read_text())
+    for when in ("before", "after"):
+        assert 0.0 <= ev[when]["accuracy"] <= 1.0 and ev[when]["n"] == 2
+        assert ("anls" in ev[when]) == (task == "docvqa")
+        if task == "docvqa":
+            assert 0.0 <= ev[when]["anls"] <= 1.0
+    assert (out / "adapter_model.safetensors").exists() and (out / "loss.png").exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_cli_input_one_line_no_traceback(base, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    good = (base / "data" / "ucf101_train.jsonl").read_text().splitlines()[0]
+    bad.write_text(good + "\n{\"id\": \"x\", broken\n")
+    (tmp_path / "images").symlink_to(base / "data" / "images")
+    noimg = tmp_path / "noimg.jsonl"
+    noimg.write_text(good + "\n" + good.replace("train/", "nowhere/") + "\n")
+    m = ["--model", base / "model", "--output_dir", tmp_path / "o", "--no_tqdm", "--num_workers", 0]
+    cases = {   # name: (argv, extra env, what the message must contain)
+        "unknown task": (["--task", "nope"], {}, "nope"),
+        "ucf101 without data": (["--task", "ucf101"], {}, "--data_dir"),
+        "missing data dir": (["--task", "docvqa", "--data_dir", tmp_path / "absent"], {}, "absent"),
+        "empty data dir": (["--task", "docvqa", "--data_dir", tmp_path], {}, "docvqa_train.jsonl"),
+        "lora and full": (["--lora", "--full"], {}, "--full"),
+        "bf16 and fp16": (["--bf16", "--fp16"], {}, "fp16"),
+        "batch vs micro": (["--batch_size", 5, "--micro_batch_size", 2], {}, "divisible"),
+        "batch vs world": (["--batch_size", 2, "--micro_batch_size", 2], {"WORLD_SIZE": "2"}, "world size 2"),
+        "malformed jsonl": (["--task", "jsonl", "--train_file", bad, *m], {}, f"{bad}:2"),
+        "missing image": (["--task", "jsonl", "--train_file", noimg, *m], {}, f"{noimg}:2"),
+    }
+    procs = {name: subprocess.Popen(command([str(a) for a in argv]), cwd=REPO, env={**ENV, **env},
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (argv, env, _) in cases.items()}
+    for name, p in procs.items():
+        _, err = p.communicate(timeout=300)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert p.returncode != 0, name
+        assert "Traceback" not in err, f"{name}: traceback\n{err}"
+        assert len(lines) == 1 and lines[0].startswith("train.py: error:"), f"{name}: not one line\n{err}"
+        assert cases[name][2] in lines[0], f"{name}: {lines[0]}"
+
+
+# ---------------------------------------------------------------- recipe aliases
+
+def test_recipe_flag_aliases(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parse = train_py.parse_args
+    assert parse(["--use_lora"]).mode == "lora"
+    assert parse(["--use_qlora"]).mode == "qlora"
+    assert parse(["--full_train"]).mode == "full"
+    assert parse([]).mode == "lora"
+    assert parse(["--freeze_vision_model"]).freeze_vision and parse(["--freeze_image_model"]).freeze_vision
+    assert not parse([]).freeze_vision
+    assert parse(["--model_name_or_path", "some/model"]).model == "some/model"
+    c = parse(["--task", "jsonl", "--train_file", __file__, "--batch_size", "8", "--batch_size_per_gpu", "4"])
+    assert (c.batch_size, c.micro_batch_size) == (8, 4)
+    c = parse(["--task", "jsonl", "--train_file", __file__, "--lora_rank", "8", "--lora_alpha_ratio", "1.5"])
+    assert c.lora_alpha == 12
+    assert parse(["--task", "jsonl", "--train_file", __file__]).lora_alpha == 128   # 2 x rank 64
+    assert parse(["--wd", "0.3"]).weight_decay == 0.3
+    assert parse(["--no-tqdm"]).tqdm is False and parse(["--no_tqdm"]).tqdm is False
+    assert parse(["--tqdm"]).tqdm is True and parse([]).tqdm is True
+    c = parse(["--use_flash_attention"])
+    assert c.use_flash_attention and c.bf16 and not c.fp16
+    assert parse(["--resume"]).resume == "latest" and parse(["--resume", "/x/step-4"]).resume == "/x/step-4"
+    assert parse(["--lora", "--use_lora"]).mode == "lora"      # the same mode twice is fine
+    with pytest.raises(SystemExit):
+        parse(["--use_lora", "--full_train"])
