@@ -265,6 +265,13 @@ def truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def log_eval(out: Path, step: int, when: str, res: dict) -> None:
+    """One metrics.jsonl record per evaluation."""
+    rec = {"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def plot_loss(metrics: list[dict], path: Path) -> None:
     """loss.png: matplotlib when installed, else a plain Pillow line plot."""
     pts = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
@@ -302,7 +309,10 @@ def main(cfg: TrainConfig) -> None:
     device = dist.init()
     rank, world, main_rank = dist.rank(), dist.world_size(), dist.is_main()
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+        # an explicit OMP_NUM_THREADS wins; else share the cores between the local ranks
+        threads = os.environ.get("OMP_NUM_THREADS")
+        torch.set_num_threads(int(threads) if threads else
+                              max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
     out = Path(cfg.output_dir)
     log = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
 
@@ -391,6 +401,8 @@ def main(cfg: TrainConfig) -> None:
                 return
             if main_rank:
                 truncate_metrics(out / "metrics.jsonl", start_step)
+    if start_step == 0 and main_rank:
+        (out / "metrics.jsonl").unlink(missing_ok=True)    # a fresh run in a used output_dir
 
     # --- evaluate before training (kept across resumes in eval.json) ------------------------------
     before = None
@@ -401,6 +413,7 @@ def main(cfg: TrainConfig) -> None:
         log(f"eval before: accuracy {before['accuracy']:.3f}" + (f", ANLS {before['anls']:.3f}" if "anls" in before else ""))
         if main_rank:
             eval_path.write_text(json.dumps({"before": before, "after": None}, indent=2))
+            log_eval(out, start_step, "before", before)
 
     # --- the loop -------------------------------------------------------------------------------
     # own generator: iter(loader) draws a worker seed, which must not advance the global RNG that
@@ -494,9 +507,7 @@ def main(cfg: TrainConfig) -> None:
         log(f"eval after: accuracy {after['accuracy']:.3f}" + (f", ANLS {after['anls']:.3f}" if "anls" in after else ""))
         if main_rank:
             eval_path.write_text(json.dumps({"before": before, "after": after}, indent=2))
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": total_steps, "eval_before": before and before["accuracy"],
-                                    "eval_after": after["accuracy"]}) + "\n")
+            log_eval(out, total_steps, "after", after)
     if main_rank:
         proc.save_pretrained(out)
         if cfg.mode == "full":

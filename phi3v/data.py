@@ -29,6 +29,16 @@ def user_content(user: str, n_images: int) -> str:
     return f"{tags}\n{user}" if n_images else user
 
 
+def load_image(path: Path, what: str) -> Image.Image:
+    """Decode an image fully (so a corrupt file fails here, naming `what`, not deep in a worker)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except Exception as e:
+        raise ValueError(f"{what}: cannot decode {path}: {e}") from None
+
+
 @dataclass
 class Record:
     where: str                 # "file:line" for error messages
@@ -134,15 +144,7 @@ class JsonlDataset(torch.utils.data.Dataset):
     def build(self, r: Record) -> dict:
         ids, labels, pixels, sizes = [], [], [], []
         for turn in r.rec["conversations"]:
-            images = []
-            for rel in turn["images"]:
-                p = self.image_path(rel, r.where)
-                try:
-                    with Image.open(p) as im:
-                        im.load()
-                        images.append(im.copy())
-                except Exception as e:
-                    raise ValueError(f"{r.where}: cannot decode image {rel!r}: {e}") from None
+            images = [load_image(self.image_path(rel, r.where), f"{r.where}: image {rel!r}") for rel in turn["images"]]
             try:
                 enc = self.proc(self.prompt(turn), images or None)
             except ValueError as e:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from convert.schema import iter_jsonl, validate_record
 
+from .data import load_image
 from .processor import Processor
 
 
@@ -62,14 +62,7 @@ def eval_inputs(proc: Processor, rec: dict, images_dir: Path, where: str) -> dic
         msgs.append({"role": "user", "content": f"{tags}\n{turn['user']}" if tags else turn["user"]})
         if t < len(turns) - 1:
             msgs.append({"role": "assistant", "content": turn["assistant"]})
-        for rel in turn["images"]:
-            p = images_dir / rel
-            try:
-                with Image.open(p) as im:
-                    im.load()
-                    images.append(im.copy())
-            except Exception as e:
-                raise ValueError(f"{where}: cannot read image {rel!r} ({p}): {e}") from None
+        images += [load_image(images_dir / rel, f"{where}: image {rel!r}") for rel in turn["images"]]
     enc = proc(proc.apply_chat_template(msgs, add_generation_prompt=True), images or None)
     enc["answers"] = list(rec.get("answers") or [turns[-1]["assistant"]])
     enc["id"] = rec["id"]

@@ -80,7 +80,8 @@ def test_every_promised_output(ref):
     recs = assert_step_records(out, N)
     assert recs[0]["lr"] == 0.0 and recs[1]["lr"] > 0                     # warmup starts at 0
     evals = [m for m in metrics(out) if "loss" not in m]
-    assert len(evals) == 1 and 0 <= evals[0]["eval_after"] <= 1 and 0 <= evals[0]["eval_before"] <= 1
+    assert [e["eval"] for e in evals] == ["before", "after"] and all(0 <= e["accuracy"] <= 1 for e in evals)
+    assert evals[0]["step"] == 0 and evals[1]["step"] == recs[-1]["step"]
     for s in (2, 4):
         ck = out / "checkpoints" / f"step-{s}"
         listed = json.loads((ck / "COMPLETE").read_text())["files"]
