@@ -300,7 +300,12 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
     d.line([(m + (x - x0) * sx, h - m - (y - y0) * sy) for x, y in pts] if len(pts) > 1 else
            [(m, h / 2), (w - m, h / 2)], fill="blue", width=2)
     d.rectangle([m, m, w - m, h - m], outline="black")
-    d.text((m, 8), f"train loss: {ys[0]:.3f} -> {ys[-1]:.3f} over {x1} steps", fill="black")
+    d.text((m, 8), f"train loss (per token): {ys[0]:.3f} -> {ys[-1]:.3f} over {x1} steps", fill="black")
+    d.text((4, m), f"{y1:.2f}", fill="black")
+    d.text((4, h - m - 10), f"{y0:.2f}", fill="black")
+    d.text((m, h - m + 6), str(x0), fill="black")
+    d.text((w - m - 20, h - m + 6), str(x1), fill="black")
+    d.text((w // 2 - 40, h - m + 6), "optimizer step", fill="black")
     im.save(path)
 
 
