@@ -29,7 +29,7 @@ from phi3v import Phi3V, Processor, dist
 from phi3v.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate
 from phi3v.evaluate import generate_answers, load_eval_records, score
-from phi3v.lora import apply_lora, load_adapter, merge_lora, save_adapter
+from phi3v.lora import apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
 from phi3v.loss import chunked_ce
 from phi3v.nf4 import quantize_nf4
 from phi3v.optim import DynamicLossScaler, ZeroAdamW, lr_at
@@ -170,11 +170,10 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
         cfg.output_dir = cfg.output_dir or "output/demo"
         d = {"batch_size": 8, "learning_rate": None, "warmup_steps": 4, "num_train_epochs": 4.0,
              "logging_steps": 2, "max_new_tokens": 8, "eval_batch_size": 4, "num_workers": 1,
-             "micro_batch_size": 2}
+             "micro_batch_size": 2, "lora_rank": 16}
         for k, v in d.items():   # demo defaults unless the user set the flag
             if getattr(cfg, k) == TrainConfig.__dataclass_fields__[k].default:
                 setattr(cfg, k, v)
-        cfg.lora_rank = cfg.lora_rank if cfg.lora_rank != 64 else 16
     cfg.output_dir = cfg.output_dir or f"output/{cfg.task}"
     if cfg.learning_rate is None:
         cfg.learning_rate = {"full": 4e-5}.get(cfg.mode, 2e-4) if cfg.task != "demo" else 5e-3
@@ -204,9 +203,8 @@ def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> P
             targets = LM_TARGETS + ["lm_head"] + ([] if cfg.freeze_vision else VISION_TARGETS)
             apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                        targets=targets, init="gaussian")
-        for n, p in model.named_parameters():
-            if "lora_" in n and (not cfg.freeze_vision or not n.startswith("vision.")):
-                p.requires_grad_(True)
+        for p in lora_parameters(model):     # also for an adapter loaded to continue training
+            p.requires_grad_(True)
     if cfg.freeze_vision:
         model.vision.requires_grad_(False)
         model.vision.frozen = True           # runs without building an autograd graph
