@@ -404,3 +404,28 @@ def test_dist_init_from_torchrun_env():
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
     assert outs == ["2 3.0 from 0", "2 3.0 from 0"]
+
+
+def test_world1_streamed_buckets_bitwise_equal_one_bucket():
+    """One rank reads gradients bucket by bucket (no full fp32 copy); the bucket size must not
+    change a single bit: decay ranges and the chunked norm cross bucket boundaries here."""
+    from phi3v.optim import _CHUNK
+    torch.manual_seed(0)
+    shapes = [(37, 300), (5000,), (64, 129), (3,)]
+    base = [torch.randn(s) for s in shapes]
+    runs = []
+    for bucket in (None, _CHUNK):
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        opt = ZeroAdamW(params, lr=1e-2, weight_decay=0.1, no_decay=[params[1]], max_grad_norm=0.5)
+        if bucket:
+            opt.bucket = bucket
+        assert opt.grad is None and len(list(opt._buckets())) == (1 if bucket is None else opt.shard_numel // _CHUNK)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g) * 3
+            opt.step(grad_scale=0.25)
+            opt.zero_grad()
+        runs.append([p.detach().clone() for p in params] + [opt.exp_avg.clone(), opt.exp_avg_sq.clone()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
