@@ -389,8 +389,8 @@ def main(cfg: TrainConfig) -> None:
         if ck is None:
             log(f"--resume: no complete checkpoint under {out / 'checkpoints'}, starting from scratch")
         else:
-            tensors, optim_states, meta = load_checkpoint(ck)
-            opt.load_sharded(optim_states)                   # re-partitions for this world size
+            _, optim_states, meta = load_checkpoint(ck, weights=False)
+            opt.load_sharded(optim_states)   # re-partitions for this world size; writes the params
             start_step = meta["step"]
             history = meta.get("history", [])
             if scaler is not None and meta.get("scaler"):

@@ -148,10 +148,12 @@ def latest_checkpoint(output_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
+def load_checkpoint(path, weights: bool = True) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Read a checkpoint directory: (trainable weights, optimizer states of all ranks in rank
     order, meta). `meta` merges meta.json and meta.pt and adds `rank_states`, the list of the
     ranks' `rank_state`s (empty if none were saved). Optimizer states are memory-mapped.
+    `weights=False` skips reading the weights file (returns {}): a resume restores the parameters
+    from the optimizer's fp32 masters, and for full fine-tuning that file is the whole model.
     """
     path = Path(path)
     if not _is_complete(path):
@@ -164,7 +166,7 @@ def load_checkpoint(path) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
             raise ValueError(f"{path}: {prefix}*.pt files are not ranks 0..n-1: {found}")
         return [path / f"{prefix}{r}.pt" for r in found]
 
-    tensors = load_file(path / WEIGHTS)
+    tensors = load_file(path / WEIGHTS) if weights else {}
     optim_states = [torch.load(p, map_location="cpu", mmap=True, weights_only=True)
                     for p in ranked("optim_rank")]
     meta = json.loads((path / META_JSON).read_text())

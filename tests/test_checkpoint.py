@@ -45,6 +45,8 @@ def test_round_trip(tmp_path):
 
     t, optims, m = load_checkpoint(path)
     assert t.keys() == tensors.keys() and all(torch.equal(t[k], tensors[k]) for k in t)
+    t_skip, optims_skip, m_skip = load_checkpoint(path, weights=False)   # resume path: no weights read
+    assert t_skip == {} and m_skip["step"] == 7 and torch.equal(optims_skip[0]["master"], optim["master"])
     assert len(optims) == 1 and optims[0]["step"] == 7 and torch.equal(optims[0]["master"], optim["master"])
     assert m["step"] == 7 and m["config"] == meta["config"] and m["sampler"] == meta["sampler"]
     assert m["shape"] == (2, 3)
