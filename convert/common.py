@@ -300,6 +300,26 @@ def add_cauldron(out: Output, files: list, name: str, root: Path, val_rows: int 
             out.add(f"{name}_{this}", make_record(rid, name, turns), where, line, images)
 
 
+def add_release_and_cauldron(out: "Output", src: Path, files: list, file_splits: dict, add_file, name: str,
+                             val_rows: int, n_images: int, expected: str) -> None:
+    """Shared loop of the hateful-memes and NLVR2 converters: official release files (stem in
+    `file_splits`) go to `add_file(f, rel, split)`, Cauldron parquet files to add_cauldron."""
+    cauldron, n_used = [], 0
+    for f in files:
+        rel = (f.relative_to(src) if f != src else Path(f.name)).as_posix()
+        if f.suffix == ".parquet":
+            if is_cauldron(f):
+                cauldron.append(f)
+        elif f.stem in file_splits:
+            add_file(f, rel, file_splits[f.stem])
+            n_used += 1
+    if cauldron:
+        add_cauldron(out, cauldron, name, src, val_rows=val_rows, n_images=n_images)
+        n_used += len(cauldron)
+    if n_used == 0:
+        raise ConvertError(f"{src}: no {expected} and no Cauldron parquet found")
+
+
 def local_image(path: str, folder: Path) -> tuple:
     """(relative output path, source Path) for an image path from a json file.
 

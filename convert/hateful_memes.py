@@ -15,8 +15,8 @@ RAW (a folder, searched recursively, or one file) may hold:
 """
 from pathlib import Path, PurePosixPath
 
-from .common import (ConvertError, Output, add_cauldron, add_common_args, find_files, is_cauldron,
-                     read_json_or_jsonl, run_cli)
+from .common import (Output, add_common_args, add_release_and_cauldron, find_files, read_json_or_jsonl,
+                     run_cli)
 from .schema import make_record, make_turn
 
 NAME = "hateful_memes"
@@ -50,20 +50,9 @@ def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool
     src = Path(src)
     files = find_files(src, (".jsonl", ".parquet"))
     out = Output(out_dir, strict=strict, progress=progress)
-    cauldron, n_used = [], 0
-    for f in files:
-        rel = (f.relative_to(src) if f != src else Path(f.name)).as_posix()
-        if f.suffix == ".parquet":
-            if is_cauldron(f):
-                cauldron.append(f)
-        elif f.stem in FILE_SPLITS:
-            _add_jsonl(out, f, rel, FILE_SPLITS[f.stem])
-            n_used += 1
-    if cauldron:
-        add_cauldron(out, cauldron, NAME, src, val_rows=val_rows, n_images=1)
-        n_used += len(cauldron)
-    if n_used == 0:
-        raise ConvertError(f"{src}: no {sorted(k + '.jsonl' for k in FILE_SPLITS)} and no Cauldron parquet found")
+    add_release_and_cauldron(out, src, files, FILE_SPLITS, lambda f, rel, split: _add_jsonl(out, f, rel, split),
+                             NAME, val_rows, n_images=1,
+                             expected=str(sorted(k + ".jsonl" for k in FILE_SPLITS)))
     return out.finish()
 
 

@@ -16,8 +16,8 @@ RAW (a folder, searched recursively, or one file) may hold:
 """
 from pathlib import Path
 
-from .common import (ConvertError, Output, add_cauldron, add_common_args, find_files, is_cauldron,
-                     read_json_or_jsonl, run_cli)
+from .common import (Output, add_common_args, add_release_and_cauldron, find_files, read_json_or_jsonl,
+                     run_cli)
 from .schema import make_record, make_turn
 
 NAME = "nlvr2"
@@ -64,20 +64,9 @@ def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool
     img_root = src if src.is_dir() else src.parent
     for p in sorted(q for q in img_root.rglob("*") if q.suffix.lower() in IMAGE_EXTS and q.is_file()):
         index.setdefault(p.stem, p)
-    cauldron, n_used = [], 0
-    for f in files:
-        rel = (f.relative_to(src) if f != src else Path(f.name)).as_posix()
-        if f.suffix == ".parquet":
-            if is_cauldron(f):
-                cauldron.append(f)
-        elif f.stem in FILE_SPLITS:
-            _add_lines(out, f, rel, FILE_SPLITS[f.stem], index)
-            n_used += 1
-    if cauldron:
-        add_cauldron(out, cauldron, NAME, src, val_rows=val_rows, n_images=2)
-        n_used += len(cauldron)
-    if n_used == 0:
-        raise ConvertError(f"{src}: no train/dev/test1/test2 .json(l) files and no Cauldron parquet found")
+    add_release_and_cauldron(out, src, files, FILE_SPLITS,
+                             lambda f, rel, split: _add_lines(out, f, rel, split, index),
+                             NAME, val_rows, n_images=2, expected="train/dev/test1/test2 .json(l) files")
     return out.finish()
 
 
