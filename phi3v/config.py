@@ -12,6 +12,11 @@ from pathlib import Path
 
 CLIP_NAME = "openai/clip-vit-large-patch14-336"
 
+# Leaf names of the Linear layers, by part of the model (HF's names; the one home of these lists).
+LM_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")          # every decoder block
+CLIP_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")   # every CLIP block
+PROJECTOR_LINEARS = ("img_projection.0", "img_projection.2")               # the image projector MLP
+
 
 @dataclass(frozen=True)
 class VisionConfig:
