@@ -5,7 +5,7 @@
 
 The loop is written out in order: config -> distributed init -> processor/model -> quantise/LoRA ->
 data -> optimizer -> resume -> eval before -> (micro-steps, optimizer step, log, checkpoint)* ->
-eval after -> export. Everything it calls is a plain function or module from phi3v/.
+eval after -> export. Everything it calls is a plain function below or a module of phi3v/.
 """
 from __future__ import annotations
 
@@ -21,34 +21,44 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from phi3v import Phi3V, Processor, dist
-from phi3v.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from phi3v.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from phi3v.config import CLIP_LINEARS, LM_LINEARS, PROJECTOR_LINEARS
 from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate
-from phi3v.evaluate import generate_answers, load_eval_records, score
+from phi3v.evaluate import evaluate, load_eval_records
 from phi3v.lora import apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
 from phi3v.loss import chunked_ce
 from phi3v.nf4 import quantize_nf4
-from phi3v.optim import DynamicLossScaler, ZeroAdamW, lr_at
+from phi3v.optim import DynamicLossScaler, ZeroAdamW, lr_at, no_decay
 
-LM_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-VISION_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "img_projection.0", "img_projection.2"]
 
-# task -> (train file, eval file, num_crops, ANLS) relative to --data_dir (the converters' names)
+class Task(NamedTuple):
+    train: str | None       # jsonl names inside --data_dir (the converters' names)
+    eval: str | None
+    num_crops: int
+    anls: bool              # DocVQA is also scored by ANLS
+
+
 TASKS = {
-    "ucf101": ("ucf101_train.jsonl", "ucf101_val.jsonl", 4, False),
-    "docvqa": ("docvqa_train.jsonl", "docvqa_val.jsonl", 16, True),
-    "hateful_memes": ("hateful_memes_train.jsonl", "hateful_memes_val.jsonl", 16, False),
-    "nlvr2": ("nlvr2_train.jsonl", "nlvr2_val.jsonl", 16, False),
-    "jsonl": (None, None, 4, False),
-    "demo": ("ucf101_train.jsonl", "ucf101_val.jsonl", 1, False),
+    "ucf101": Task("ucf101_train.jsonl", "ucf101_val.jsonl", 4, False),
+    "docvqa": Task("docvqa_train.jsonl", "docvqa_val.jsonl", 16, True),
+    "hateful_memes": Task("hateful_memes_train.jsonl", "hateful_memes_val.jsonl", 16, False),
+    "nlvr2": Task("nlvr2_train.jsonl", "nlvr2_val.jsonl", 16, False),
+    "jsonl": Task(None, None, 4, False),
+    "demo": Task("ucf101_train.jsonl", "ucf101_val.jsonl", 1, False),
 }
+# the demo's defaults where the user did not set the flag (a tiny model on a CPU in a few minutes)
+DEMO_DEFAULTS = {"batch_size": 8, "warmup_steps": 4, "num_train_epochs": 4.0, "logging_steps": 2,
+                 "max_new_tokens": 8, "eval_batch_size": 4, "num_workers": 1, "micro_batch_size": 2,
+                 "lora_rank": 16}
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     task: str = field(default="demo", metadata={"help": "preset: " + ", ".join(TASKS), "choices": list(TASKS)})
     data_dir: str | None = field(default=None, metadata={"help": "converted dataset folder (jsonl + images/)"})
@@ -100,8 +110,14 @@ class TrainConfig:
     tqdm: bool = field(default=True, metadata={"help": "progress bars (--no_tqdm / --no-tqdm)"})
     use_flash_attention: bool = field(default=False, metadata={"help": "recipe alias: implies --bf16"})
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
+
 
 def parse_args(argv=None) -> TrainConfig:
+    """One `--snake_case` flag per TrainConfig field (type from the annotation), the recipe's aliases,
+    then `resolve`. Errors are one line `train.py: error: ...` and exit 2."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 
     def error(msg):  # one line, no usage dump
@@ -135,122 +151,234 @@ def parse_args(argv=None) -> TrainConfig:
                 kw[k] = f.metadata[k]
         p.add_argument(*names, **kw)
     a = p.parse_args(argv)
-    cfg = TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)})
-    return resolve(cfg, error)
+    return resolve(TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)}), error)
 
 
 def resolve(cfg: TrainConfig, error) -> TrainConfig:
-    """Fill the preset defaults and reject contradictions with a one-line message."""
-    if cfg.use_flash_attention:
-        cfg.bf16 = True          # the recipe's flash path is bf16; SDPA picks flash kernels itself
-    if cfg.bf16 and cfg.fp16:
+    """Fill the preset defaults, reject contradictions with a one-line message, and return the final
+    config (frozen: nothing changes it afterwards)."""
+    c = dataclasses.asdict(cfg)
+    if c["use_flash_attention"]:
+        c["bf16"] = True          # the recipe's flash path is bf16; SDPA picks flash kernels itself
+    if c["bf16"] and c["fp16"]:
         error("--bf16 and --fp16 are exclusive")
-    if cfg.mode is None:
-        cfg.mode = "lora"        # the recipe's common case, and the demo's
-    if cfg.mode == "full" and (cfg.lora_alpha or cfg.lora_alpha_ratio or cfg.lora_dropout):
+    c["mode"] = c["mode"] or "lora"            # the recipe's common case, and the demo's
+    if c["mode"] == "full" and (c["lora_alpha"] or c["lora_alpha_ratio"] or c["lora_dropout"]):
         error("--lora_alpha/--lora_alpha_ratio/--lora_dropout need --lora or --qlora, not --full")
-    train_f, eval_f, crops, _ = TASKS[cfg.task]
-    if cfg.task == "jsonl":
-        if not cfg.train_file and not (cfg.eval_only and cfg.eval_file):
+    task = TASKS[c["task"]]
+    c["output_dir"] = c["output_dir"] or f"output/{c['task']}"
+    if c["task"] == "jsonl":
+        if not c["train_file"] and not (c["eval_only"] and c["eval_file"]):
             error("--task jsonl needs --train_file (and optionally --eval_file)")
-    elif cfg.task != "demo":
-        if not cfg.data_dir:
-            error(f"--task {cfg.task} needs --data_dir (a folder written by python -m convert.{cfg.task})")
-        if not Path(cfg.data_dir).is_dir():
-            error(f"--data_dir {cfg.data_dir} does not exist")
-        cfg.train_file = cfg.train_file or str(Path(cfg.data_dir) / train_f)
-        cfg.eval_file = cfg.eval_file or str(Path(cfg.data_dir) / eval_f)
-    for f in (cfg.train_file, cfg.eval_file):
-        if f and not Path(f).is_file() and not (cfg.eval_only and f == cfg.train_file):
-            error(f"data file {f} does not exist")
-    cfg.num_crops = cfg.num_crops or crops
-    if cfg.num_crops < 1 or cfg.num_crops > 16:
-        error(f"--num_crops must be 1..16, got {cfg.num_crops}")
-    if cfg.task == "demo":
-        cfg.output_dir = cfg.output_dir or "output/demo"
-        d = {"batch_size": 8, "learning_rate": None, "warmup_steps": 4, "num_train_epochs": 4.0,
-             "logging_steps": 2, "max_new_tokens": 8, "eval_batch_size": 4, "num_workers": 1,
-             "micro_batch_size": 2, "lora_rank": 16}
-        for k, v in d.items():   # demo defaults unless the user set the flag
-            if getattr(cfg, k) == TrainConfig.__dataclass_fields__[k].default:
-                setattr(cfg, k, v)
-    cfg.output_dir = cfg.output_dir or f"output/{cfg.task}"
-    if cfg.learning_rate is None:
-        cfg.learning_rate = {"full": 4e-5}.get(cfg.mode, 2e-4) if cfg.task != "demo" else 5e-3
-    if cfg.lora_alpha is None:
-        cfg.lora_alpha = round(cfg.lora_rank * cfg.lora_alpha_ratio) if cfg.lora_alpha_ratio else 2 * cfg.lora_rank
+    elif c["task"] == "demo":
+        # the demo writes its own tiny model and dataset there (main); no downloads
+        data = Path(c["data_dir"] or Path(c["output_dir"]) / "demo_data")
+        c["data_dir"], c["train_file"], c["eval_file"] = str(data), str(data / task.train), str(data / task.eval)
+        if c["model"] == TrainConfig.model:
+            c["model"] = str(Path(c["output_dir"]) / "demo_model")
+        for k, v in DEMO_DEFAULTS.items():
+            if c[k] == TrainConfig.__dataclass_fields__[k].default:
+                c[k] = v
+    else:
+        if not c["data_dir"]:
+            error(f"--task {c['task']} needs --data_dir (a folder written by python -m convert.{c['task']})")
+        if not Path(c["data_dir"]).is_dir():
+            error(f"--data_dir {c['data_dir']} does not exist")
+        c["train_file"] = c["train_file"] or str(Path(c["data_dir"]) / task.train)
+        c["eval_file"] = c["eval_file"] or str(Path(c["data_dir"]) / task.eval)
+    if c["task"] != "demo":
+        for f in (c["train_file"], c["eval_file"]):
+            if f and not Path(f).is_file() and not (c["eval_only"] and f == c["train_file"]):
+                error(f"data file {f} does not exist")
+    c["num_crops"] = c["num_crops"] or task.num_crops
+    if not 1 <= c["num_crops"] <= 16:
+        error(f"--num_crops must be 1..16, got {c['num_crops']}")
+    if c["learning_rate"] is None:
+        c["learning_rate"] = 5e-3 if c["task"] == "demo" else 4e-5 if c["mode"] == "full" else 2e-4
+    if c["lora_alpha"] is None:
+        c["lora_alpha"] = round(c["lora_rank"] * c["lora_alpha_ratio"]) if c["lora_alpha_ratio"] else 2 * c["lora_rank"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        error(f"--batch_size {cfg.batch_size} is not divisible by --micro_batch_size {cfg.micro_batch_size} "
+    if c["batch_size"] % (c["micro_batch_size"] * world):
+        error(f"--batch_size {c['batch_size']} is not divisible by --micro_batch_size {c['micro_batch_size']} "
               f"x world size {world}")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
+    if c["max_steps"] is not None and c["max_steps"] < 1:
         error("--max_steps must be >= 1")
-    return cfg
+    return TrainConfig(**c)
 
 
 # ------------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig, device: torch.device, dtype: torch.dtype) -> Phi3V:
+def setup(cfg: TrainConfig) -> torch.device:
+    """Process group, CPU threads, seeds; the demo's model and data (written once, by rank 0)."""
+    device = dist.init()
+    if device.type == "cpu":
+        # an explicit OMP_NUM_THREADS wins; else share the cores between the local ranks
+        threads = os.environ.get("OMP_NUM_THREADS")
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world_size()))
+        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // local))
+    if cfg.task == "demo" and dist.is_main():
+        from phi3v import demo
+        if not (Path(cfg.model) / "config.json").exists():
+            demo.write_base_model(cfg.model, seed=0, num_crops=cfg.num_crops)
+        if not Path(cfg.train_file).exists():
+            demo.write_dataset(cfg.data_dir)
+    dist.barrier()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    return device
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> Phi3V:
     """Load -> quantise (QLoRA) -> LoRA / freezing -> activation checkpointing."""
-    model = Phi3V.from_pretrained(cfg.model, dtype=dtype, device=device)
+    model = Phi3V.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
     model.requires_grad_(cfg.mode == "full")
     if cfg.mode == "qlora":   # NF4 for the decoder and CLIP linears (the recipe's bnb: all but lm_head)
-        quantize_nf4(model, targets=LM_TARGETS + ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
+        quantize_nf4(model, targets=list(LM_LINEARS + CLIP_LINEARS))
     if cfg.mode in ("lora", "qlora"):
         torch.manual_seed(cfg.seed)          # adapter init is part of the run's determinism
         if cfg.adapter:
             load_adapter(model, cfg.adapter)
-        else:
-            targets = LM_TARGETS + ["lm_head"] + ([] if cfg.freeze_vision else VISION_TARGETS)
+        else:                                # the recipe's targets: LM, lm_head, and vision unless frozen
+            vision = () if cfg.freeze_vision else CLIP_LINEARS + PROJECTOR_LINEARS
             apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                       targets=targets, init="gaussian")
+                       targets=list(LM_LINEARS + ("lm_head",) + vision), init="gaussian")
         for p in lora_parameters(model):     # also for an adapter loaded to continue training
             p.requires_grad_(True)
     if cfg.freeze_vision:
-        model.vision.requires_grad_(False)
-        model.vision.frozen = True           # runs without building an autograd graph
+        model.freeze_vision()
     model.gradient_checkpointing = cfg.gradient_checkpointing
     model.vision.clip.gradient_checkpointing = cfg.gradient_checkpointing
     return model
 
 
-def no_decay(name: str, p: torch.Tensor) -> bool:
-    """The HF Trainer rule: no decay for biases and norm weights (LayerNorm and RMSNorm here)."""
-    return name.endswith("bias") or "norm" in name.rsplit(".", 2)[-2] or p.dim() < 2
+def progress_bar(cfg: TrainConfig, desc: str):
+    """A tqdm wrapper for long loops on rank 0 (None with --no_tqdm or on other ranks)."""
+    if not (cfg.tqdm and dist.is_main()):
+        return None
+    from tqdm import tqdm
+    return functools.partial(tqdm, desc=desc, leave=False)
 
 
-def rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+def load_train_data(cfg: TrainConfig, proc: Processor, log) -> JsonlDataset:
+    ds = JsonlDataset(cfg.train_file, proc, max_length=cfg.max_length,
+                      on_too_long="drop" if cfg.drop_too_long else "error",
+                      on_bad_record="skip" if cfg.skip_bad_records else "error",
+                      progress=progress_bar(cfg, "reading " + Path(cfg.train_file).name))
+    log(f"train: {len(ds)} samples from {cfg.train_file}"
+        + (f"; skipped {len(ds.skipped)} malformed records" if ds.skipped else "")
+        + (f"; dropped {len(ds.dropped)} samples longer than {cfg.max_length} tokens" if ds.dropped else ""))
+    for s in ds.skipped[:5]:
+        log(f"  skipped: {s}")
+    return ds
 
 
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+def make_loader(cfg: TrainConfig, ds: JsonlDataset, sampler: StepSampler, start_step: int, total_steps: int,
+                pad_id: int, device: torch.device):
+    """Micro-batches of steps start_step..total_steps-1, in order, prepared by worker processes."""
+    # own generator: iter(loader) draws a worker seed, which must not advance the global RNG that
+    # dropout uses (a resumed run restores that RNG and would otherwise be one draw ahead)
+    return torch.utils.data.DataLoader(
+        ds, batch_sampler=StepBatchSampler(sampler, start_step, total_steps),
+        collate_fn=functools.partial(collate, pad_id=pad_id, pack=cfg.packing),
+        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+        persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def evaluate(model, proc, cfg: TrainConfig, records, images_dir, show: bool) -> dict:
-    """Greedy generation on this rank's share of the records; results gathered to every rank."""
-    mine = records[dist.rank()::dist.world_size()]
-    bar = None
-    if show and cfg.tqdm:
-        from tqdm import tqdm
-        bar = functools.partial(tqdm, desc="eval", leave=False)
-    res = generate_answers(model, proc, mine, images_dir, cfg.eval_batch_size, cfg.max_new_tokens, bar)
-    if dist.world_size() > 1:
-        parts = [None] * dist.world_size()
-        torch.distributed.all_gather_object(parts, res)
-        res = [r for part in parts for r in part]
-    out = score(res, with_anls=TASKS[cfg.task][3])
-    out["examples"] = res[:5]
-    return out
+def resume(cfg: TrainConfig, opt: ZeroAdamW, scaler: DynamicLossScaler, total_steps: int, log) -> tuple[int, list]:
+    """Restore the optimizer (and through its fp32 masters the weights), the loss scale and this
+    rank's RNG from a checkpoint; returns (start step, logged history). (0, []) without one."""
+    out = Path(cfg.output_dir)
+    ck = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+    if ck is None:
+        log(f"--resume: no complete checkpoint under {out / 'checkpoints'}, starting from scratch")
+        return 0, []
+    _, optim_states, meta = load_checkpoint(ck, weights=False)
+    opt.load_sharded(optim_states)   # re-partitions for this world size; writes the params
+    if meta.get("scaler"):
+        scaler.load_state_dict(meta["scaler"])
+    if meta.get("world_size") == dist.world_size() and len(meta["rank_states"]) == dist.world_size():
+        set_rng_state(meta["rank_states"][dist.rank()])   # dropout continues bit-exactly
+    log(f"resumed from {ck} at step {meta['step']}/{total_steps}")
+    return meta["step"], meta.get("history", [])
+
+
+class RunLog:
+    """The loop's bookkeeping: sums over logging windows, metrics.jsonl (+ TensorBoard when installed),
+    the progress bar or console lines. Only rank 0 writes; every rank keeps the same history."""
+
+    def __init__(self, cfg: TrainConfig, start_step: int, total_steps: int, steps_per_epoch: int, history: list):
+        self.out, self.every, self.total = Path(cfg.output_dir), cfg.logging_steps, total_steps
+        self.steps_per_epoch, self.history = steps_per_epoch, history
+        self.main, self.show_bar, self.start = dist.is_main(), cfg.tqdm, start_step
+        self.metrics = self.tb = self.bar = None
+        if self.main:
+            path = self.out / "metrics.jsonl"
+            if start_step == 0:
+                path.unlink(missing_ok=True)              # a fresh run in a used output_dir
+            else:
+                truncate_metrics(path, start_step)        # a resumed run logs the later steps again
+            self.metrics = open(path, "a")
+            if importlib.util.find_spec("tensorboard"):
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+        self._reset()
+
+    def eval(self, step: int, when: str, res: dict) -> None:
+        """One metrics.jsonl record per evaluation ("before" / "after")."""
+        if self.main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}})
+                        + "\n")
+
+    def note(self, msg: str) -> None:
+        """A console line from rank 0 that does not break the progress bar."""
+        if self.main:
+            (self.bar.write if self.bar is not None else print)(msg)
+
+    def _reset(self):
+        self.loss, self.tokens, self.seen, self.t0 = 0.0, 0, 0, time.time()
+
+    def step(self, done: int, loss_sum: float, n_tok: int, n_seen: int, lr: float, gnorm: float,
+             overflow: bool, skipped_total: int) -> None:
+        """Account one optimizer step; every `logging_steps` (and at the end) write a record."""
+        if self.main and self.show_bar and self.bar is None:     # started here, after the eval before
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=self.start, desc="train", dynamic_ncols=True)
+        self.loss, self.tokens, self.seen = self.loss + loss_sum, self.tokens + n_tok, self.seen + n_seen
+        if done % self.every == 0 or done == self.total:
+            rec = {"step": done, "loss": self.loss / max(self.tokens, 1), "lr": lr,
+                   "grad_norm": gnorm if math.isfinite(gnorm) else None,   # strict JSON: no NaN/inf
+                   "tokens_per_s": self.seen / (time.time() - self.t0), "epoch": done / self.steps_per_epoch,
+                   "skipped_samples": skipped_total}
+            if overflow:
+                rec["fp16_overflow_skipped"] = True
+            self.history.append(rec)
+            if self.main:
+                self.metrics.write(json.dumps(rec) + "\n")
+                self.metrics.flush()
+                if self.tb:
+                    for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        if rec[k] is not None:
+                            self.tb.add_scalar(f"train/{k}", rec[k], done)
+                if self.bar is None:
+                    print(json.dumps(rec), flush=True)
+            self._reset()
+        if self.bar is not None:
+            self.bar.update(1)
+            if self.history:
+                h = self.history[-1]
+                self.bar.set_postfix(loss=f"{h['loss']:.4f}", lr=f"{h['lr']:.2e}", tok_s=f"{h['tokens_per_s']:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.metrics:
+            self.metrics.close()
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to `step` (a resumed run logs the later steps again); a line cut by a
-    crash is dropped."""
+    """Keep the records up to `step`; a line cut by a crash is dropped."""
     if not path.exists():
         return
     kept = []
@@ -261,13 +389,6 @@ def truncate_metrics(path: Path, step: int) -> None:
         except (ValueError, AttributeError):
             continue
     path.write_text("".join(line + "\n" for line in kept))
-
-
-def log_eval(out: Path, step: int, when: str, res: dict) -> None:
-    """One metrics.jsonl record per evaluation."""
-    rec = {"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}}
-    with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(rec) + "\n")
 
 
 def plot_loss(metrics: list[dict], path: Path) -> None:
@@ -307,228 +428,131 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
     im.save(path)
 
 
-# ------------------------------------------------------------------------------------------------
-def main(cfg: TrainConfig) -> None:
-    device = dist.init()
-    rank, world, main_rank = dist.rank(), dist.world_size(), dist.is_main()
-    if device.type == "cpu":
-        # an explicit OMP_NUM_THREADS wins; else share the cores between the local ranks
-        threads = os.environ.get("OMP_NUM_THREADS")
-        torch.set_num_threads(int(threads) if threads else
-                              max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world))))
+def export(cfg: TrainConfig, model: Phi3V, proc: Processor, history: list, log) -> None:
+    """The final model (peft adapter, or HF layout for --full), processor files, loss.png, and with
+    --merge the adapter folded into the unquantised base under merged/. Rank 0 only."""
     out = Path(cfg.output_dir)
+    proc.save_pretrained(out)
+    if cfg.mode == "full":
+        model.save_pretrained(out)
+    else:
+        save_adapter(model, out, base_model_name_or_path=cfg.model)
+    plot_loss(history, out / "loss.png")
+    if cfg.merge:
+        if cfg.mode == "full":
+            log("--merge with --full: the model in the output dir is already a full HF checkpoint")
+            return
+        dtype = torch.float32 if cfg.dtype == torch.float16 else cfg.dtype
+        base = Phi3V.from_pretrained(cfg.model, dtype=dtype)
+        load_adapter(base, out)                      # onto the unquantised base (also for QLoRA)
+        merge_lora(base)
+        base.save_pretrained(out / "merged")
+        proc.save_pretrained(out / "merged")
+        log(f"merged model -> {out / 'merged'}")
+
+
+# ------------------------------------------------------------------------------------------------
+def make_evaluator(cfg: TrainConfig, model: Phi3V, proc: Processor):
+    """`run_eval()` -> scores of the eval split with this run's settings (None without an eval file)."""
+    if not cfg.eval_file:
+        return None
+    records = load_eval_records(cfg.eval_file, cfg.max_eval_samples)
+    return functools.partial(evaluate, model, proc, records, Path(cfg.eval_file).parent / "images",
+                             batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                             with_anls=TASKS[cfg.task].anls, progress=progress_bar(cfg, "eval"))
+
+
+def summary(res: dict) -> str:
+    return f"accuracy {res['accuracy']:.3f}" + (f", ANLS {res['anls']:.3f}" if "anls" in res else "")
+
+
+def main(cfg: TrainConfig) -> None:
+    device = setup(cfg)
+    main_rank, world = dist.is_main(), dist.world_size()
     log = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
-
-    # the demo writes its own tiny model and dataset (no downloads, nothing outside the package)
-    if cfg.task == "demo":
-        from phi3v import demo
-        data_dir = Path(cfg.data_dir or out / "demo_data")
-        if cfg.model == TrainConfig.model:
-            cfg.model = str(out / "demo_model")
-        if main_rank:
-            if not (Path(cfg.model) / "config.json").exists():
-                demo.write_base_model(cfg.model, seed=0, num_crops=cfg.num_crops)
-            if not (data_dir / "ucf101_train.jsonl").exists():
-                demo.write_dataset(data_dir)
-        dist.barrier()
-        cfg.train_file, cfg.eval_file = str(data_dir / TASKS["demo"][0]), str(data_dir / TASKS["demo"][1])
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+    out, eval_path = Path(cfg.output_dir), Path(cfg.output_dir) / "eval.json"
     proc = Processor.from_pretrained(cfg.model, num_crops=cfg.num_crops)
-    model = build_model(cfg, device, dtype)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"model {cfg.model}: mode {cfg.mode}{' (vision frozen)' if cfg.freeze_vision else ''}, {dtype}, "
-        f"{n_train:,} trainable parameters, world size {world}, device {device}")
-    out.mkdir(parents=True, exist_ok=True)
-    eval_path = out / "eval.json"
-
-    eval_records = None
-    if cfg.eval_file:
-        eval_records = load_eval_records(cfg.eval_file, cfg.max_eval_samples)
-        eval_images = Path(cfg.eval_file).parent / "images"
-    if cfg.eval_only:
-        if eval_records is None:
-            raise ValueError("--eval_only needs an eval split (--eval_file or the preset's val file)")
-        res = evaluate(model, proc, cfg, eval_records, eval_images, main_rank)
-        if main_rank:
-            # nothing is trained: the model before and after is the one evaluated
-            eval_path.write_text(json.dumps({"before": res, "after": res}, indent=2))
-            log(f"eval: {json.dumps({k: v for k, v in res.items() if k != 'examples'})} -> {eval_path}")
-        dist.cleanup()
-        return
-
-    # --- data -----------------------------------------------------------------------------------
-    progress = None
-    if main_rank and cfg.tqdm:
-        from tqdm import tqdm
-        progress = functools.partial(tqdm, desc="reading " + Path(cfg.train_file).name, leave=False)
-    train_ds = JsonlDataset(cfg.train_file, proc, max_length=cfg.max_length,
-                            on_too_long="drop" if cfg.drop_too_long else "error",
-                            on_bad_record="skip" if cfg.skip_bad_records else "error", progress=progress)
-    log(f"train: {len(train_ds)} samples from {cfg.train_file}"
-        + (f"; skipped {len(train_ds.skipped)} malformed records" if train_ds.skipped else "")
-        + (f"; dropped {len(train_ds.dropped)} samples longer than {cfg.max_length} tokens" if train_ds.dropped else ""))
-    for s in train_ds.skipped[:5]:
-        log(f"  skipped: {s}")
-    sampler = StepSampler(train_ds.lengths, cfg.batch_size, cfg.micro_batch_size, rank, world, cfg.seed)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * sampler.steps_per_epoch))
-
-    # --- optimizer ------------------------------------------------------------------------------
+    model = build_model(cfg, device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    log(f"model {cfg.model}: mode {cfg.mode}{' (vision frozen)' if cfg.freeze_vision else ''}, {cfg.dtype}, "
+        f"{sum(p.numel() for _, p in named):,} trainable parameters, world size {world}, device {device}")
+    out.mkdir(parents=True, exist_ok=True)
+    run_eval = make_evaluator(cfg, model, proc)
+    if cfg.eval_only:
+        if run_eval is None:
+            raise ValueError("--eval_only needs an eval split (--eval_file or the preset's val file)")
+        res = run_eval()
+        if main_rank:   # nothing is trained: the model before and after is the one evaluated
+            eval_path.write_text(json.dumps({"before": res, "after": res}, indent=2))
+            log(f"eval: {summary(res)} -> {eval_path}")
+        return dist.cleanup()
+
+    train_ds = load_train_data(cfg, proc, log)
+    sampler = StepSampler(train_ds.lengths, cfg.batch_size, cfg.micro_batch_size, dist.rank(), world, cfg.seed)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * sampler.steps_per_epoch))
     opt = ZeroAdamW(named, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, no_decay=no_decay,
                     max_grad_norm=cfg.max_grad_norm)
-    scaler = DynamicLossScaler() if cfg.fp16 else None
-
-    # --- resume ---------------------------------------------------------------------------------
-    start_step, history = 0, []
-    if cfg.resume:
-        ck = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
-        if ck is None:
-            log(f"--resume: no complete checkpoint under {out / 'checkpoints'}, starting from scratch")
-        else:
-            _, optim_states, meta = load_checkpoint(ck, weights=False)
-            opt.load_sharded(optim_states)   # re-partitions for this world size; writes the params
-            start_step = meta["step"]
-            history = meta.get("history", [])
-            if scaler is not None and meta.get("scaler"):
-                scaler.load_state_dict(meta["scaler"])
-            if meta.get("world_size") == world and len(meta["rank_states"]) == world:
-                set_rng_state(meta["rank_states"][rank])   # dropout continues bit-exactly
-            log(f"resumed from {ck} at step {start_step}/{total_steps}")
-            if start_step >= total_steps:
-                log(f"this run already finished ({start_step} steps); nothing to do")
-                dist.cleanup()
-                return
-            if main_rank:
-                truncate_metrics(out / "metrics.jsonl", start_step)
-    if start_step == 0 and main_rank:
-        (out / "metrics.jsonl").unlink(missing_ok=True)    # a fresh run in a used output_dir
-
-    # --- evaluate before training (kept across resumes in eval.json) ------------------------------
-    before = None
-    if eval_path.exists() and start_step > 0:
-        before = json.loads(eval_path.read_text()).get("before")
-    if eval_records is not None and before is None:
-        before = evaluate(model, proc, cfg, eval_records, eval_images, main_rank)
-        log(f"eval before: accuracy {before['accuracy']:.3f}" + (f", ANLS {before['anls']:.3f}" if "anls" in before else ""))
+    scaler = DynamicLossScaler(enabled=cfg.fp16)     # fp16 only; otherwise scale 1, never an overflow
+    start_step, history = resume(cfg, opt, scaler, total_steps, log) if cfg.resume else (0, [])
+    if start_step >= total_steps:
+        log(f"this run already finished ({start_step} steps); nothing to do")
+        return dist.cleanup()
+    run_log = RunLog(cfg, start_step, total_steps, sampler.steps_per_epoch, history)
+    # the eval before training runs once; a resumed run keeps it from eval.json
+    before = json.loads(eval_path.read_text()).get("before") if start_step and eval_path.exists() else None
+    if run_eval and before is None:
+        before = run_eval()
+        log(f"eval before: {summary(before)}")
         if main_rank:
             eval_path.write_text(json.dumps({"before": before, "after": None}, indent=2))
-            log_eval(out, start_step, "before", before)
+        run_log.eval(start_step, "before", before)
 
-    # --- the loop -------------------------------------------------------------------------------
-    # own generator: iter(loader) draws a worker seed, which must not advance the global RNG that
-    # dropout uses (a resumed run restores that RNG and would otherwise be one draw ahead)
-    loader = torch.utils.data.DataLoader(
-        train_ds, batch_sampler=StepBatchSampler(sampler, start_step, total_steps),
-        collate_fn=functools.partial(collate, pad_id=proc.pad_token_id, pack=cfg.packing),
-        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
-        persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None,
-        generator=torch.Generator().manual_seed(cfg.seed))
-    batches = iter(loader)
-    metrics_f = open(out / "metrics.jsonl", "a") if main_rank else None
-    tb = None
-    if main_rank and importlib.util.find_spec("tensorboard"):
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(out / "tensorboard"))
-    bar = None
-    if main_rank and cfg.tqdm:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+    batches = iter(make_loader(cfg, train_ds, sampler, start_step, total_steps, proc.pad_token_id, device))
+    skipped = 0
     model.train()
-    log_loss, log_tok, log_t0, log_tokens_seen, skipped_total = 0.0, 0, time.time(), 0, 0
     for step in range(start_step, total_steps):
-        lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, total_steps, cfg.lr_schedule)
-        opt.lr = lr
+        opt.lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, total_steps, cfg.lr_schedule)
         loss_sum, n_tok, n_seen = 0.0, 0, 0
+        # gradient accumulation: every micro-batch's backward adds into .grad; no averaging here
         for _ in sampler.micro_batches(step):
             batch = next(batches)
-            skipped_total += len(batch["skipped"])
-            if batch["n_samples"] == 0:
+            skipped += len(batch["skipped"])
+            if batch["n_samples"] == 0:      # every sample of it was unreadable (--skip_bad_records)
                 continue
+            pixels = batch["pixel_values"]
             h = model.hidden_packed(batch["input_ids"].to(device), batch["doc_ids"].to(device),
-                                    pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
+                                    pixel_values=None if pixels is None else pixels.to(device),
                                     image_sizes=batch["image_sizes"])
+            # summed (not averaged) CE: the step below divides by the token count of the whole batch
             loss, n = chunked_ce(h, model.lm_head, batch["labels"])
-            (loss * (scaler.scale if scaler else 1.0)).backward()
+            (loss * scaler.scale).backward()
             loss_sum += loss.item()
             n_tok += n
             n_seen += int(batch["input_ids"].numel())
-        # normalise by the global number of supervised tokens of this optimizer step
-        counts = dist.all_reduce_sum(torch.tensor([loss_sum, n_tok, n_seen], dtype=torch.float64, device=device))
-        g_loss, g_tok, g_seen = counts.tolist()
-        scale = 1.0 / max(g_tok, 1.0) / (scaler.scale if scaler else 1.0)
-        gnorm = opt.step(grad_scale=scale)
+        # normalise by the global number of supervised tokens of this optimizer step (all micro-batches,
+        # all ranks), so every answer token weighs the same however the batch is split (STYLE §8)
+        g_loss, g_tok, g_seen = dist.all_reduce_sum(
+            torch.tensor([loss_sum, n_tok, n_seen], dtype=torch.float64, device=device)).tolist()
+        gnorm = opt.step(grad_scale=1.0 / max(g_tok, 1.0) / scaler.scale)   # clip, AdamW, write back
         opt.zero_grad()
-        overflow = scaler.update(gnorm) if scaler else False
-        log_loss += g_loss
-        log_tok += int(g_tok)
-        log_tokens_seen += int(g_seen)
-        done = step + 1
-        if done % cfg.logging_steps == 0 or done == total_steps:
-            dt = time.time() - log_t0
-            rec = {"step": done, "loss": log_loss / max(log_tok, 1), "lr": lr,
-                   "grad_norm": gnorm if math.isfinite(gnorm) else None,   # strict JSON: no NaN/inf
-                   "tokens_per_s": log_tokens_seen / dt, "epoch": done / sampler.steps_per_epoch,
-                   "skipped_samples": skipped_total}
-            if overflow:
-                rec["fp16_overflow_skipped"] = True
-            history.append(rec)
-            if main_rank:
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-                if tb:
-                    for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        if rec[k] is not None:
-                            tb.add_scalar(f"train/{k}", rec[k], done)
-            if bar is None:
-                log(json.dumps(rec))
-            log_loss, log_tok, log_t0, log_tokens_seen = 0.0, 0, time.time(), 0
-        if bar is not None:
-            bar.update(1)
-            if history:
-                h_ = history[-1]
-                bar.set_postfix(loss=f"{h_['loss']:.4f}", lr=f"{h_['lr']:.2e}", tok_s=f"{h_['tokens_per_s']:.0f}")
-        if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps:
-            meta = {"total_steps": total_steps, "config": dataclasses.asdict(cfg), "history": history,
-                    "world_size": world, "scaler": scaler.state_dict() if scaler else None}
-            trainable = {n: p.detach() for n, p in named}
-            path = save_checkpoint(out, done, trainable, opt.state_dict(), meta, keep_last=cfg.keep_checkpoints,
-                                   rank_state=rng_state())
-            if bar is None:
-                log(f"checkpoint {path}")
-    if bar is not None:
-        bar.close()
-    if metrics_f:
-        metrics_f.close()
+        overflow = scaler.update(gnorm)      # fp16: an inf/nan norm skipped the step, halve the scale
+        run_log.step(step + 1, g_loss, int(g_tok), int(g_seen), opt.lr, gnorm, overflow, skipped)
+        if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or step + 1 == total_steps:
+            meta = {"total_steps": total_steps, "config": dataclasses.asdict(cfg), "history": run_log.history,
+                    "world_size": world, "scaler": scaler.state_dict() if cfg.fp16 else None}
+            path = save_checkpoint(out, step + 1, {n: p.detach() for n, p in named}, opt.state_dict(), meta,
+                                   keep_last=cfg.keep_checkpoints, rank_state=rng_state())
+            run_log.note(f"checkpoint {path}")
+    run_log.close()
 
-    # --- evaluate after training, export ---------------------------------------------------------
-    if eval_records is not None:
-        after = evaluate(model, proc, cfg, eval_records, eval_images, main_rank)
-        log(f"eval after: accuracy {after['accuracy']:.3f}" + (f", ANLS {after['anls']:.3f}" if "anls" in after else ""))
+    if run_eval:
+        after = run_eval()
+        log(f"eval after: {summary(after)}")
         if main_rank:
             eval_path.write_text(json.dumps({"before": before, "after": after}, indent=2))
-            log_eval(out, total_steps, "after", after)
+        run_log.eval(total_steps, "after", after)
     if main_rank:
-        proc.save_pretrained(out)
-        if cfg.mode == "full":
-            model.save_pretrained(out)
-        else:
-            save_adapter(model, out, base_model_name_or_path=cfg.model)
-        plot_loss(history, out / "loss.png")
-        if cfg.merge:
-            merged = out / "merged"
-            if cfg.mode == "full":
-                log("--merge with --full: the model in the output dir is already a full HF checkpoint")
-            else:
-                base = Phi3V.from_pretrained(cfg.model, dtype=dtype if dtype != torch.float16 else torch.float32)
-                load_adapter(base, out)                      # onto the unquantised base (also for QLoRA)
-                merge_lora(base)
-                base.save_pretrained(merged)
-                proc.save_pretrained(merged)
-                log(f"merged model -> {merged}")
+        export(cfg, model, proc, run_log.history, log)
         log(f"done: {out}")
     dist.cleanup()
 

@@ -48,17 +48,16 @@ import torch                                    # noqa: E402
 import torch.nn as nn                           # noqa: E402
 
 from phi3v import Phi3V, Phi3VConfig, apply_lora, quantize_nf4   # noqa: E402
+from phi3v.config import CLIP_LINEARS, CROP, LM_LINEARS, crop_grid_tokens   # noqa: E402
 from phi3v.loss import chunked_ce               # noqa: E402
 from phi3v.nf4 import bnb_available             # noqa: E402
-from phi3v.optim import ZeroAdamW               # noqa: E402
-from phi3v.vision import CROP, num_image_tokens  # noqa: E402
+from phi3v.optim import ZeroAdamW, no_decay     # noqa: E402
 
 N_REAL = 4_146_621_440        # Phi-3.5-vision's parameter count (PERF.md)
 PEAK_FLOPS = 989e12           # H100 SXM dense bf16 (PERF.md's MFU denominator)
 MODES = ("full", "full_frozen_vision", "lora", "qlora")
 IMPLS = ("phi3v", "hf")
-LM_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]   # NF4 too for QLoRA, as train.py
+LM_TARGETS, CLIP_TARGETS = list(LM_LINEARS), list(CLIP_LINEARS)   # QLoRA quantises both, as train.py
 LORA_RANK, LORA_ALPHA = 64, 128
 LR = 1e-5                     # small: the weights are random, the step only has to be a real update
 HF_NOTE = ("hf image path: CLIPVisionModel (clip_layers_used layers, last_hidden_state = hidden_states[-2]) "
@@ -80,7 +79,7 @@ def make_sample(name: str, cfg: Phi3VConfig, seed: int = 0) -> dict:
     """input_ids [1, T] (image k's positions hold -k), labels on the last answer tokens, crops."""
     n_img, (hc, wc), num_crops, n_text, n_answer = SAMPLES[name]
     g = torch.Generator().manual_seed(seed)
-    per_img = num_image_tokens(hc, wc, cfg.vision.grid // 2)
+    per_img = crop_grid_tokens(hc, wc, cfg.vision.grid // 2)
     text = torch.randint(2, 32000, (n_text,), generator=g)
     text[0] = cfg.bos_token_id
     head = 4                                                   # <s><|user|>\n ... then the images
@@ -103,37 +102,8 @@ def to_device(s: dict, device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # phi3v
-@torch.no_grad()
-def init_random_(model: nn.Module, seed: int) -> None:
-    """hf.init_weights' distribution, drawn on the model's device (fast for 4B parameters on GPU)."""
-    dev = next(model.parameters()).device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    for name, p in model.named_parameters():
-        r = torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32)
-        if name.endswith("norm.weight") or re.search(r"(layer_norm\d|layrnorm)\.weight$", name):
-            p.copy_(1 + 0.02 * r)
-        elif name.endswith("bias"):
-            p.copy_(0.02 * r)
-        elif p.dim() >= 2 and "embed" not in name:
-            p.copy_(r / math.sqrt(math.prod(p.shape[1:])))
-        else:
-            p.copy_(0.5 * r)
-
-
-def no_decay(name: str, p: torch.Tensor) -> bool:
-    return name.endswith("bias") or "norm" in name.rsplit(".", 2)[-2] or p.dim() < 2
-
-
-def freeze_vision(model: Phi3V) -> None:
-    model.vision.requires_grad_(False)
-    model.vision.frozen = True           # CLIP + projector run without building an autograd graph
-
-
 def build_phi3v(cfg: Phi3VConfig, mode: str, args, device: torch.device, dtype: torch.dtype):
-    with torch.device("meta"):
-        model = Phi3V(cfg)
-    model = model.to(dtype).to_empty(device=device)
-    init_random_(model, args.seed)
+    model = Phi3V.from_config(cfg, seed=args.seed, dtype=dtype, device=device)
     info = {"recompute": args.recompute, "compile": args.compile, "dtype": str(dtype).replace("torch.", ""),
             "vision_frozen": mode != "full"}
     if mode in ("full", "full_frozen_vision"):
@@ -150,7 +120,7 @@ def build_phi3v(cfg: Phi3VConfig, mode: str, args, device: torch.device, dtype: 
         apply_lora(model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=LM_TARGETS, init="gaussian")
         info.update(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=LM_TARGETS)
     if mode != "full":
-        freeze_vision(model)
+        model.freeze_vision()
     model.gradient_checkpointing = args.recompute == "full"
     model.vision.clip.gradient_checkpointing = args.recompute == "full"
     if args.compile:

@@ -2,5 +2,5 @@
 
 Each `convert.<name>` module has `convert(src, out_dir, ...) -> stats` and a CLI
 (`python -m convert.<name> --src RAW --out_dir OUT`); `convert.check` validates a jsonl file and its images;
-`convert.schema` holds the record format shared with the training data pipeline.
+The record format they write is `phi3v.schema` (the library's, shared with training and evaluation).
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .schema import validate_record
+from phi3v.schema import validate_record
 
 
 def check_image(path: Path) -> str | None:

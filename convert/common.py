@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from .schema import make_record, make_turn, validate_record
+from phi3v.schema import make_record, make_turn, validate_record
 
 # Formats PIL reads that we keep byte-for-byte; anything else is re-encoded to PNG.
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif"}
@@ -382,19 +382,25 @@ def convert_chat_file(src, out_dir, to_record, image_folder=None, source: str = 
     return out.finish()
 
 
-def add_common_args(parser) -> None:
-    """The flags every converter CLI shares."""
-    parser.add_argument("--src", required=True, help="raw dataset folder (or file)")
-    parser.add_argument("--out_dir", required=True, help="output folder (jsonl files + images/)")
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")
-    parser.add_argument("--workers", type=int, default=1, help="parallel workers (default 1)")
-    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+def cli(convert_fn, doc: str, *options, workers: bool = False) -> None:
+    """The command line every converter shares: --src, --out_dir, --strict, --no_progress (and
+    --workers for converters that use processes), plus `options`, each `(flags, argparse kwargs)`
+    whose dest is a keyword of `convert_fn`. Prints the stats as JSON, or one error line and exit 1."""
+    import argparse
 
-
-def run_cli(fn, *args, **kwargs) -> None:
-    """Run a convert() for a CLI: print its stats as JSON, or the error and exit 1."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="raw dataset folder (or file)")
+    p.add_argument("--out_dir", required=True, help="output folder (jsonl files + images/)")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    if workers:
+        p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    for flags, kwargs in options:
+        p.add_argument(*flags, **kwargs)
+    kw = vars(p.parse_args())
+    kw["progress"] = not kw.pop("no_progress")
     try:
-        stats = fn(*args, **kwargs)
+        stats = convert_fn(**kw)
     except (ConvertError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

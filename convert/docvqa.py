@@ -17,9 +17,10 @@ json's "dataset_split". Questions without answers (the official test set) are sk
 import json
 from pathlib import Path, PurePosixPath
 
-from .common import (ConvertError, Output, add_cauldron, add_common_args, find_files, image_ext,
-                     is_cauldron, parquet_rows, run_cli, safe_name, split_from_name, split_of)
-from .schema import make_record, make_turn
+from phi3v.schema import make_record, make_turn
+
+from .common import (ConvertError, Output, add_cauldron, cli, find_files, image_ext, is_cauldron, parquet_rows,
+                     safe_name, split_from_name, split_of)
 
 NAME = "docvqa"
 SUFFIX = "\nAnswer briefly."
@@ -76,9 +77,8 @@ def _add_json(out: Output, f: Path, where: str, doc: dict) -> None:
                 f"{split}/{img}", f.parent / img)
 
 
-def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool = False,
-            val_rows: int = 0) -> dict:
-    """Convert DocVQA parquet/json files under `src`; returns stats. `workers` is unused (I/O bound).
+def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows: int = 0) -> dict:
+    """Convert DocVQA parquet/json files under `src`; returns stats.
 
     `val_rows` moves the first rows of a Cauldron train split to val (the recipe evaluates DocVQA
     on the nielsr test split instead, hence 0).
@@ -115,11 +115,4 @@ def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool
 
 
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--val_rows", type=int, default=0, help="Cauldron only: first N train rows go to val")
-    a = p.parse_args()
-    run_cli(convert, a.src, a.out_dir, strict=a.strict, workers=a.workers, progress=not a.no_progress,
-            val_rows=a.val_rows)
+    cli(convert, __doc__, (["--val_rows"], dict(type=int, default=0, help="Cauldron only: first N train rows go to val (default 0)")))

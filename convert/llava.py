@@ -13,8 +13,9 @@ human/gpt, are skipped and reported. A missing id becomes "{stem}-{index:08d}".
 """
 from pathlib import Path
 
-from .common import (add_common_args, convert_chat_file, local_image, pair_turns, run_cli, strip_placeholders)
-from .schema import make_record, make_turn
+from phi3v.schema import make_record, make_turn
+
+from .common import cli, convert_chat_file, local_image, pair_turns, strip_placeholders
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -54,18 +55,11 @@ def to_record(item, index: int, stem: str, source: str, folder: Path) -> tuple:
 
 
 def convert(src, out_dir, image_folder=None, source: str = "llava", strict: bool = False,
-            workers: int = 1, progress: bool = False) -> dict:
-    """Convert one LLaVA json/jsonl file; returns stats. `workers` is unused (I/O bound)."""
+            progress: bool = False) -> dict:
+    """Convert one LLaVA json/jsonl file; returns stats."""
     return convert_chat_file(src, out_dir, to_record, image_folder, source, strict, progress)
 
 
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--image_folder", default=None, help="folder the image paths are relative to")
-    p.add_argument("--source", default="llava", help='value of the "source" field (default llava)')
-    a = p.parse_args()
-    run_cli(convert, a.src, a.out_dir, image_folder=a.image_folder, source=a.source, strict=a.strict,
-            workers=a.workers, progress=not a.no_progress)
+    cli(convert, __doc__, (["--image_folder"], dict(default=None, help="folder the local image paths are relative to")),
+        (["--source"], dict(default="llava", help='value of the "source" field (default llava)')))

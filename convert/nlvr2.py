@@ -16,9 +16,9 @@ RAW (a folder, searched recursively, or one file) may hold:
 """
 from pathlib import Path
 
-from .common import (Output, add_common_args, add_release_and_cauldron, find_files, read_json_or_jsonl,
-                     run_cli)
-from .schema import make_record, make_turn
+from phi3v.schema import make_record, make_turn
+
+from .common import Output, add_release_and_cauldron, cli, find_files, read_json_or_jsonl
 
 NAME = "nlvr2"
 PROMPT = 'Is this statement about the left and right images true or false? "{sentence}"\nAnswer true or false.'
@@ -51,11 +51,10 @@ def _add_lines(out: Output, f: Path, where: str, split: str, index: dict) -> Non
             out.add(f"{NAME}_{split}", make_record(ident, NAME, [turn]), where, line, images)
 
 
-def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool = False,
-            val_rows: int = 500) -> dict:
+def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows: int = 500) -> dict:
     """Convert the official NLVR2 json(l) files and/or Cauldron parquet under `src`; returns stats.
 
-    `workers` is unused (I/O bound); `val_rows` applies to Cauldron input only.
+    `val_rows` applies to Cauldron input only.
     """
     src = Path(src)
     files = find_files(src, (".json", ".jsonl", ".parquet"))
@@ -71,11 +70,4 @@ def convert(src, out_dir, strict: bool = False, workers: int = 1, progress: bool
 
 
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--val_rows", type=int, default=500, help="Cauldron only: first N rows go to val (default 500)")
-    a = p.parse_args()
-    run_cli(convert, a.src, a.out_dir, strict=a.strict, workers=a.workers, progress=not a.no_progress,
-            val_rows=a.val_rows)
+    cli(convert, __doc__, (["--val_rows"], dict(type=int, default=500, help="Cauldron only: first N train rows go to val (default 500)")))

@@ -15,9 +15,10 @@ becomes "{stem}-{index:08d}".
 """
 from pathlib import Path
 
-from .common import (add_common_args, content_name, convert_chat_file, decode_data_url, image_ext,
-                     local_image, pair_turns, run_cli, strip_placeholders)
-from .schema import make_record, make_turn
+from phi3v.schema import make_record, make_turn
+
+from .common import (cli, content_name, convert_chat_file, decode_data_url, image_ext, local_image, pair_turns,
+                     strip_placeholders)
 
 
 def _image(ref, stem: str, folder: Path) -> tuple:
@@ -88,18 +89,11 @@ def to_record(item, index: int, stem: str, source: str, folder: Path) -> tuple:
 
 
 def convert(src, out_dir, image_folder=None, source: str = "sharegpt", strict: bool = False,
-            workers: int = 1, progress: bool = False) -> dict:
-    """Convert one ShareGPT/OpenAI-messages json/jsonl file; returns stats. `workers` is unused."""
+            progress: bool = False) -> dict:
+    """Convert one ShareGPT/OpenAI-messages json/jsonl file; returns stats."""
     return convert_chat_file(src, out_dir, to_record, image_folder, source, strict, progress)
 
 
 if __name__ == "__main__":
-    import argparse
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--image_folder", default=None, help="folder local image paths are relative to")
-    p.add_argument("--source", default="sharegpt", help='value of the "source" field (default sharegpt)')
-    a = p.parse_args()
-    run_cli(convert, a.src, a.out_dir, image_folder=a.image_folder, source=a.source, strict=a.strict,
-            workers=a.workers, progress=not a.no_progress)
+    cli(convert, __doc__, (["--image_folder"], dict(default=None, help="folder the local image paths are relative to")),
+        (["--source"], dict(default="sharegpt", help='value of the "source" field (default sharegpt)')))

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .common import ConvertError, Output, add_common_args, parallel_map, run_cli
-from .schema import make_record, make_turn
+from phi3v.schema import make_record, make_turn
+
+from .common import ConvertError, Output, cli, parallel_map
 
 SPLITS = ("train", "val", "test")
 
@@ -154,15 +155,12 @@ def convert(src, out_dir, num_frames: int = 8, classes: list | None = None, stri
     return stats
 
 
-if __name__ == "__main__":
-    import argparse
+def _classes(text: str) -> list:
+    return [c.strip() for c in text.split(",") if c.strip()]
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
-    p.add_argument("--num_frames", type=int, default=8, help="frames per video (default 8)")
-    p.add_argument("--classes", default=None,
-                   help="comma-separated class names, in prompt order (default: sorted folder names)")
-    a = p.parse_args()
-    classes = [c.strip() for c in a.classes.split(",") if c.strip()] if a.classes else None
-    run_cli(convert, a.src, a.out_dir, num_frames=a.num_frames, classes=classes, strict=a.strict,
-            workers=a.workers, progress=not a.no_progress)
+
+if __name__ == "__main__":
+    cli(convert, __doc__, (["--num_frames"], dict(type=int, default=8, help="frames per video (default 8)")),
+        (["--classes"], dict(type=_classes, default=None,
+                             help="comma-separated class names, in prompt order (default: sorted folder names)")),
+        workers=True)

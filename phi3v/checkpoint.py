@@ -10,22 +10,23 @@ Layout of step-N/:
     weights.safetensors   trainable weights (rank 0)
     optim_rank{r}.pt      each rank's optimizer state
     rank{r}.pt            each rank's own state, e.g. its RNG states (optional)
-    meta.json             the JSON-representable entries of `meta` (step, config, sampler, ...)
-    meta.pt               the other entries of `meta` (tensors, numpy RNG state, ...)
+    meta.json             `meta` (step, config, history, ...; plain JSON)
     COMPLETE              {"step": N, "files": {name: size}}, written last
 """
 import json
 import os
+import random
 import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from phi3v import dist
+from . import dist
 
-WEIGHTS, COMPLETE, META_JSON, META_PT = "weights.safetensors", "COMPLETE", "meta.json", "meta.pt"
+WEIGHTS, COMPLETE, META_JSON = "weights.safetensors", "COMPLETE", "meta.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -83,15 +84,17 @@ def _remove(path: Path, root: Path) -> None:
 
 
 def save_checkpoint(output_dir, step: int, tensors: dict[str, torch.Tensor], optim_state: dict,
-                    meta: dict, keep_last: int | None = None, rank_state: dict | None = None,
-                    files: dict[str, str | bytes] | None = None) -> Path:
+                    meta: dict, keep_last: int | None = None, rank_state: dict | None = None) -> Path:
     """Write `checkpoints/step-{step}/` atomically; collective, every rank calls it.
 
-    `tensors` (trainable weights), `meta` (shared state; `step` is added) and `files` (extra
-    small files such as adapter_config.json) are taken from rank 0. Every rank writes its own
+    `tensors` (trainable weights) and `meta` (shared state that survives a JSON round trip; `step`
+    is added) are taken from rank 0. Every rank writes its own
     `optim_state` and, if given, `rank_state` (its RNG states). Afterwards only the newest
     `keep_last` complete checkpoints are kept (all if None). Returns the final directory.
     """
+    bad = [k for k, v in meta.items() if not _json_exact(v)]
+    if bad:
+        raise ValueError(f"save_checkpoint: meta entries {bad} do not survive JSON (use lists, str keys)")
     root = Path(output_dir) / "checkpoints"
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
     rank = dist.rank()
@@ -111,19 +114,8 @@ def save_checkpoint(output_dir, step: int, tensors: dict[str, torch.Tensor], opt
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / WEIGHTS,
                   metadata={"format": "pt"})
         _fsync(tmp / WEIGHTS)
-        meta = {"step": step, **meta}
-        as_json = {k: v for k, v in meta.items() if _json_exact(v)}
-        (tmp / META_JSON).write_text(json.dumps(as_json, indent=1))
+        (tmp / META_JSON).write_text(json.dumps({"step": step, **meta}, indent=1))
         _fsync(tmp / META_JSON)
-        if len(as_json) < len(meta):
-            _torch_save({k: v for k, v in meta.items() if k not in as_json}, tmp / META_PT)
-        for name, content in (files or {}).items():
-            path = tmp / name
-            if isinstance(content, bytes):
-                path.write_bytes(content)
-            else:
-                path.write_text(content)
-            _fsync(path)
     dist.barrier()  # every rank's files are on disk
 
     if rank == 0:
@@ -150,7 +142,7 @@ def latest_checkpoint(output_dir) -> Path | None:
 
 def load_checkpoint(path, weights: bool = True) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Read a checkpoint directory: (trainable weights, optimizer states of all ranks in rank
-    order, meta). `meta` merges meta.json and meta.pt and adds `rank_states`, the list of the
+    order, meta). `meta` is meta.json plus `rank_states`, the list of the
     ranks' `rank_state`s (empty if none were saved). Optimizer states are memory-mapped.
     `weights=False` skips reading the weights file (returns {}): a resume restores the parameters
     from the optimizer's fp32 masters, and for full fine-tuning that file is the whole model.
@@ -170,9 +162,21 @@ def load_checkpoint(path, weights: bool = True) -> tuple[dict[str, torch.Tensor]
     optim_states = [torch.load(p, map_location="cpu", mmap=True, weights_only=True)
                     for p in ranked("optim_rank")]
     meta = json.loads((path / META_JSON).read_text())
-    if (path / META_PT).exists():
-        # Our own file; it may hold numpy or Python RNG state, which weights_only rejects.
-        meta.update(torch.load(path / META_PT, map_location="cpu", weights_only=False))
     meta["rank_states"] = [torch.load(p, map_location="cpu", weights_only=False)
                            for p in ranked("rank")]
     return tensors, optim_states, meta
+
+
+def rng_state() -> dict:
+    """This process's RNG states (torch, CUDA, Python, numpy): a `rank_state` that lets a resumed run
+    draw the same dropout masks as an uninterrupted one."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])

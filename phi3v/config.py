@@ -16,6 +16,17 @@ CLIP_NAME = "openai/clip-vit-large-patch14-336"
 LM_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")          # every decoder block
 CLIP_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")   # every CLIP block
 PROJECTOR_LINEARS = ("img_projection.0", "img_projection.2")               # the image projector MLP
+CROP = 336   # CLIP input size: HD images are tiled into CROP x CROP crops
+
+
+def crop_grid_tokens(h_crops: int, w_crops: int, g: int = 12) -> int:
+    """Image tokens of one image of h x w crops (PHI3V_SPEC §5.8), the one home of the formula.
+
+    The stitched sub-crop grid (h*g rows of w*g tokens) with a separator after every row, glb_GN,
+    then the global crop's g x g grid with a separator after every row; g = merged tokens per crop
+    side (24 CLIP patches merged 2x2 -> 12).
+    """
+    return h_crops * g * (w_crops * g + 1) + 1 + g * (g + 1)
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from convert.schema import IMAGE_TAG, validate_record
-
-from .processor import Processor
+from .processor import IMAGE_TAG, Processor, num_image_tokens, user_content
+from .schema import validate_record
 
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
-
-
-def user_content(user: str, n_images: int) -> str:
-    tags = "".join(f"<|image_{k}|>" for k in range(1, n_images + 1))
-    return f"{tags}\n{user}" if n_images else user
 
 
 def load_image(path: Path, what: str) -> Image.Image:
@@ -110,6 +104,7 @@ class JsonlDataset(torch.utils.data.Dataset):
         return p
 
     def prompt(self, turn: dict) -> str:
+        # every turn is a prompt of its own: its images are numbered from 1 (processor.image_tags)
         msg = {"role": "user", "content": user_content(turn["user"], len(turn["images"]))}
         return self.proc.apply_chat_template([msg], add_generation_prompt=True)
 
@@ -124,7 +119,7 @@ class JsonlDataset(torch.utils.data.Dataset):
                         w, h = im.size
                 except Exception as e:
                     raise ValueError(f"{where}: cannot open image {rel!r}: {e}") from None
-                n += self.proc.image_processor.num_image_tokens(w, h)
+                n += num_image_tokens(w, h, self.proc.num_crops)
             text = self.prompt(turn)
             # with images every chunk between tags is tokenized with its own BOS (the reference)
             parts = IMAGE_TAG.split(text) if turn["images"] else [text]
@@ -207,9 +202,9 @@ class StepSampler:
     """
 
     def __init__(self, lengths: list[int], batch_size: int, micro_batch_size: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, group_by_length: bool = True):
+                 world_size: int = 1, seed: int = 0):
         self.lengths, self.batch_size, self.micro = lengths, batch_size, micro_batch_size
-        self.rank, self.world, self.seed, self.group = rank, world_size, seed, group_by_length
+        self.rank, self.world, self.seed = rank, world_size, seed
         self.steps_per_epoch = math.ceil(len(lengths) / batch_size)
 
     def global_batch(self, step: int) -> list[int]:
@@ -220,9 +215,7 @@ class StepSampler:
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's micro-batches for optimizer step `step` (may be empty for a short last batch)."""
-        idx = self.global_batch(step)
-        if self.group:
-            idx = sorted(idx, key=lambda i: (-self.lengths[i], i))
+        idx = sorted(self.global_batch(step), key=lambda i: (-self.lengths[i], i))   # longest first
         micro = [idx[j:j + self.micro] for j in range(0, len(idx), self.micro)]
         return micro[self.rank::self.world]
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import torch
 
-from convert.schema import iter_jsonl, validate_record
+from .schema import iter_jsonl, validate_record
 
+from . import dist
 from .data import load_image
-from .processor import Processor
+from .processor import Processor, user_content
 
 
 def normalize(s: str) -> str:
@@ -57,9 +58,9 @@ def eval_inputs(proc: Processor, rec: dict, images_dir: Path, where: str) -> dic
     msgs, images, n = [], [], 0
     turns = rec["conversations"]
     for t, turn in enumerate(turns):
-        tags = "".join(f"<|image_{n + k + 1}|>" for k in range(len(turn["images"])))
+        # one prompt for the whole conversation: image numbers continue across turns (image_tags)
+        msgs.append({"role": "user", "content": user_content(turn["user"], len(turn["images"]), first=n + 1)})
         n += len(turn["images"])
-        msgs.append({"role": "user", "content": f"{tags}\n{turn['user']}" if tags else turn["user"]})
         if t < len(turns) - 1:
             msgs.append({"role": "assistant", "content": turn["assistant"]})
         images += [load_image(images_dir / rel, f"{where}: image {rel!r}") for rel in turn["images"]]
@@ -110,3 +111,15 @@ def score(results: list[dict], with_anls: bool = False) -> dict:
         out["anls"] = sum(anls(r["prediction"], r["answers"]) for r in results) / n if n else 0.0
     return out
 
+
+def evaluate(model, proc: Processor, records: list[tuple[str, dict]], images_dir: Path, *, batch_size: int = 1,
+             max_new_tokens: int = 64, with_anls: bool = False, progress=None) -> dict:
+    """Greedy answers on this rank's share of `records` (rank r takes every world-th record), gathered
+    to every rank and scored: {"accuracy", "n", ["anls"], "examples": the first 5 results}."""
+    mine = records[dist.rank()::dist.world_size()]
+    res = generate_answers(model, proc, mine, images_dir, batch_size, max_new_tokens, progress)
+    if dist.world_size() > 1:
+        parts = [None] * dist.world_size()
+        torch.distributed.all_gather_object(parts, res)
+        res = [r for part in parts for r in part]
+    return {**score(res, with_anls), "examples": res[:5]}

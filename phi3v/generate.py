@@ -9,7 +9,6 @@ the answer is printed to stdout.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -17,13 +16,13 @@ import torch
 
 from .lora import load_adapter, merge_lora
 from .model import Phi3V
-from .processor import Processor
+from .processor import IMAGE_TAG, Processor, user_content
 
 
 def build_prompt(proc: Processor, prompt: str, n_images: int, system: str | None = None) -> str:
     """The chat prompt for one user turn; image tags are prepended unless the text has its own."""
-    if n_images and not re.search(r"<\|image_\d+\|>", prompt):
-        prompt = "".join(f"<|image_{k}|>" for k in range(1, n_images + 1)) + "\n" + prompt
+    if not IMAGE_TAG.search(prompt):
+        prompt = user_content(prompt, n_images)
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     return proc.apply_chat_template(msgs, add_generation_prompt=True)
 

@@ -1,4 +1,7 @@
-"""The one key map between the official HF checkpoint and our modules; strict loading and saving.
+"""The one key map between the official HF checkpoint and our modules, and checkpoint file I/O.
+
+Reads and writes the official layout (config.json + single or sharded safetensors with an index)
+and assigns tensors strictly; building the model is `Phi3V.from_pretrained`'s job (model.py).
 
 HF leaf names are kept, so the map is a list of prefix renames (both directions). Keys the forward
 never uses (the last CLIP block(s) and CLIP post_layernorm) are listed, kept aside in
@@ -7,7 +10,6 @@ never uses (the last CLIP block(s) and CLIP post_layernorm) are listed, kept asi
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -74,8 +76,9 @@ def unused_shapes(cfg: Phi3VConfig) -> dict[str, tuple[int, ...]]:
 
 
 # ------------------------------------------------------------------------------------------------
-def resolve(path_or_hub_id: str | Path, patterns: list[str] | None = None) -> Path:
-    """A local checkpoint directory, or a hub id downloaded (with progress) by huggingface_hub."""
+def local_dir(path_or_hub_id: str | Path, patterns: list[str] | None = None) -> Path:
+    """The local directory of a checkpoint: the path itself, or a hub id downloaded (with progress)
+    by huggingface_hub."""
     p = Path(path_or_hub_id).expanduser()
     if p.is_dir():
         return p
@@ -161,17 +164,6 @@ def load_state(model: torch.nn.Module, hf_tensors: dict[str, torch.Tensor], dtyp
     model.hf_extras = extras
 
 
-def load_pretrained(path_or_hub_id, dtype=torch.float32, device="cpu"):
-    from .model import Phi3V
-    d = resolve(path_or_hub_id)
-    cfg = Phi3VConfig.from_json(d / "config.json")
-    tensors = read_tensors(checkpoint_files(d))
-    with torch.device("meta"):
-        model = Phi3V(cfg)
-    load_state(model, tensors, dtype, torch.device(device))
-    return model.eval()
-
-
 # ------------------------------------------------------------------------------------------------
 def hf_state_dict(model) -> dict[str, torch.Tensor]:
     """Our parameters under official HF names, plus the unused-but-official extras."""
@@ -240,23 +232,3 @@ def save_pretrained(model, out_dir, max_shard_size: int = 5 * 10 ** 9) -> None:
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def init_weights(model, seed: int = 0) -> None:
-    """Deterministic random init for a model built from a config (demo/tests/benchmarks).
-
-    Scaled so every block changes the output (not the near-uniform attention of a flat 0.02 init).
-    """
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if name.endswith("norm.weight") or re.search(r"(layer_norm\d|layrnorm)\.weight$", name):
-            p.copy_(1 + 0.02 * torch.randn(p.shape, generator=g))
-        elif name.endswith("bias"):
-            p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        elif p.dim() >= 2 and "embed" not in name:
-            fan_in = math.prod(p.shape[1:])
-            p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-        else:  # embeddings, separators, class embedding
-            p.copy_(0.5 * torch.randn(p.shape, generator=g))

@@ -20,10 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from .config import LM_LINEARS
 from .hf import is_unused, to_hf, to_ours
 from .nf4 import NF4Linear
 
-DEFAULT_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 
@@ -185,7 +185,7 @@ def apply_lora(model: nn.Module, rank: int = 64, alpha: float = 128, dropout: fl
     """
     default = targets is None
     if default:
-        targets = list(DEFAULT_TARGETS)
+        targets = list(LM_LINEARS)
     elif not isinstance(targets, str):
         targets = list(targets)
         if not targets:
@@ -377,7 +377,7 @@ def _adapter_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tupl
 
 
 def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
-    """Load a peft LoRA adapter in place (building the LoRA modules if needed); returns model.
+    """Load a peft LoRA adapter in place onto a model without LoRA (building the modules); returns model.
 
     Everything is checked before the model is touched: targets that match nothing, tensors for
     modules the model lacks or the config does not target, targeted modules without tensors,
@@ -385,6 +385,9 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     base_model_name_or_path only warns (checkpoints move). Keys may be peft's
     (`base_model.model.…lora_A.weight`, also `…lora_A.default.weight`) or transformers' (no prefix).
     """
+    if lora_modules(model):
+        raise ValueError("load_adapter: the model already has LoRA modules; load the adapter onto a model "
+                         "without LoRA (e.g. straight from Phi3V.from_pretrained)")
     d = Path(adapter_dir)
     cfg = _read_config(d)
     r, alpha = int(cfg["r"]), cfg["lora_alpha"]
@@ -421,32 +424,15 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
     missing = [n for n in found if n not in adapter]
     if missing:
         raise ValueError(f"adapter has no tensors for targeted module(s) {[_hf_name(n) for n in missing[:8]]}")
-    existing = lora_modules(model)
-    if existing:
-        if set(existing) != set(found):
-            raise ValueError(f"the model already has LoRA on a different set of modules than the adapter "
-                             f"(e.g. {sorted(set(existing) ^ set(found))[:4]})")
-        for name, m in existing.items():
-            if m.rank != r:
-                raise ValueError(f"module {_hf_name(name)!r} already has LoRA of rank {m.rank}, the adapter has r={r}")
-            if m.merged:
-                raise ValueError(f"module {_hf_name(name)!r} is merged; unmerge() before loading another adapter")
     if skipped:
         warnings.warn(f"{d}: skipped {skipped} tensor(s) of CLIP layers this model never runs", stacklevel=2)
 
     for name, mod in found.items():
-        if not isinstance(mod, LoRALinear):
-            lora = LoRALinear(mod, r, alpha, dropout, init, use_rslora=rslora)
-            lora.train(mod.training)
-            _set_module(model, name, lora)
-            mod = lora
-        else:   # same modules and rank: take the adapter's hyper-parameters too
-            mod.alpha, mod.use_rslora, mod.init = alpha, rslora, init
-            mod.scaling = alpha / math.sqrt(r) if rslora else alpha / r
-            mod.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-            mod.dropout.train(mod.training)
+        lora = LoRALinear(mod, r, alpha, dropout, init, use_rslora=rslora)
+        lora.train(mod.training)
+        _set_module(model, name, lora)
         with torch.no_grad():
-            mod.lora_A.weight.copy_(adapter[name]["A"])
-            mod.lora_B.weight.copy_(adapter[name]["B"])
+            lora.lora_A.weight.copy_(adapter[name]["A"])
+            lora.lora_B.weight.copy_(adapter[name]["B"])
     _freeze_all_but_lora(model)
     return model

@@ -34,18 +34,3 @@ def chunked_ce(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
             total = total + _chunk_ce(lm_head, h[s:s + chunk], y[s:s + chunk])
     return total, n
 
-
-def per_sample_ce(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
-                  doc_ids: torch.Tensor) -> dict[tuple[int, int], float]:
-    """(row, document) -> mean CE of that sample's supervised tokens (tests and diagnostics)."""
-    with torch.no_grad():
-        logits = lm_head(hidden[:, :-1]).float()
-        tgt = labels[:, 1:]
-        ce = F.cross_entropy(logits.transpose(1, 2), tgt.clamp(min=0), reduction="none")
-        keep = tgt != -100
-        out = {}
-        for b in range(labels.shape[0]):
-            for d in doc_ids[b, 1:][keep[b]].unique().tolist():
-                m = keep[b] & (doc_ids[b, 1:] == d)
-                out[(b, d)] = float(ce[b][m].mean())
-        return out

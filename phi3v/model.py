@@ -7,6 +7,8 @@ H heads, hd head dim, V vocab.
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import hf
 from .config import Phi3VConfig
 from .vision import ImageEmbedding, check_image_inputs
 
@@ -171,27 +174,37 @@ class Phi3V(nn.Module):
         self.hf_extras: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------
-    # construction and I/O (implemented in hf.py; thin wrappers so users call model methods)
+    # construction and I/O (the key map and the file formats are hf.py's)
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Phi3V":
-        from .hf import load_pretrained
-        return load_pretrained(path_or_hub_id, dtype=dtype, device=device)
+        """Load an official-layout checkpoint (local directory or hub id) strictly, in eval mode."""
+        d = hf.local_dir(path_or_hub_id)
+        cfg = Phi3VConfig.from_json(d / "config.json")
+        tensors = hf.read_tensors(hf.checkpoint_files(d))
+        with torch.device("meta"):       # no memory is allocated until the tensors are assigned
+            model = cls(cfg)
+        hf.load_state(model, tensors, dtype, torch.device(device))
+        return model.eval()
 
     def save_pretrained(self, out_dir: str | Path, max_shard_size: int = 5 * 10 ** 9) -> None:
-        from .hf import save_pretrained
-        save_pretrained(self, out_dir, max_shard_size=max_shard_size)
+        """Write the official HF layout (config.json, safetensors shards + index), atomically per file."""
+        hf.save_pretrained(self, out_dir, max_shard_size=max_shard_size)
 
     @classmethod
     def from_config(cls, cfg: Phi3VConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                     device: str | torch.device = "cpu") -> "Phi3V":
-        """A randomly initialised model (the demo, tests, benchmarks); deterministic for a seed."""
-        from .hf import init_weights
+        """A randomly initialised model (the demo, tests, benchmarks); deterministic for a seed and device."""
         with torch.device("meta"):
             model = cls(cfg)
         model.to_empty(device=device)
         init_weights(model, seed)
         return model.to(dtype)
+
+    def freeze_vision(self) -> None:
+        """Freeze CLIP, separators and projector; the image side then runs without an autograd graph."""
+        self.vision.requires_grad_(False)
+        self.vision.frozen = True
 
     @property
     def dtype(self) -> torch.dtype:
@@ -352,3 +365,24 @@ def sample_top_p(logits: torch.Tensor, top_p: float, generator=None) -> torch.Te
         probs = torch.zeros_like(probs).scatter(-1, si, sp)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int = 0) -> None:
+    """Deterministic random init for a model built from a config (demo, tests, benchmarks).
+
+    Drawn with a generator on the model's device (fast for 4B parameters on a GPU; a CPU model gets
+    the same values on every machine). Scaled so every block changes the output (not the
+    near-uniform attention of a flat 0.02 init).
+    """
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g, device=dev, dtype=torch.float32)
+        if name.endswith("norm.weight") or re.search(r"(layer_norm\d|layrnorm)\.weight$", name):
+            p.copy_(1 + 0.02 * r)
+        elif name.endswith("bias"):
+            p.copy_(0.02 * r)
+        elif p.dim() >= 2 and "embed" not in name:
+            p.copy_(r / math.sqrt(math.prod(p.shape[1:])))
+        else:  # embeddings, separators, class embedding
+            p.copy_(0.5 * r)

@@ -338,14 +338,18 @@ class DynamicLossScaler:
     """
 
     def __init__(self, init_scale: float = 2.0 ** 16, growth_interval: int = 1000,
-                 min_scale: float = 1.0):
-        self.scale = float(init_scale)
+                 min_scale: float = 1.0, enabled: bool = True):
+        # disabled (bf16/fp32 training): scale 1 and never an overflow, so the loop needs no branches
+        self.enabled = enabled
+        self.scale = float(init_scale) if enabled else 1.0
         self.growth_interval = growth_interval
         self.min_scale = float(min_scale)
         self.good_steps = 0
 
     def update(self, grad_norm: float) -> bool:
         """Adjust the scale; returns True if the step overflowed (and so was skipped)."""
+        if not self.enabled:
+            return False
         if not math.isfinite(grad_norm):
             self.scale = max(self.scale / 2, self.min_scale)
             self.good_steps = 0
@@ -376,3 +380,9 @@ def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int,
         return peak_lr * max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return peak_lr * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    """The HF Trainer's rule for `ZeroAdamW(no_decay=...)`: no weight decay for biases and norm
+    weights (LayerNorm and RMSNorm here), nor for any other parameter of fewer than 2 dimensions."""
+    return name.endswith("bias") or "norm" in name.rsplit(".", 2)[-2] or p.dim() < 2

@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tokenizers import Tokenizer, processors
 
-CROP = 336               # CLIP input size; HD images are tiled into CROP x CROP crops
-TOKENS_PER_CROP = 144    # 24x24 CLIP patches merged 2x2 -> 12x12 per crop
-NEWLINE_TOKENS = 12      # one sub_GN separator per 12-token row (global view)
+from .config import CROP, crop_grid_tokens
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGE_TAG = re.compile(r"<\|image_\d+\|>")   # the reference's pattern (split + findall)
+IMAGE_TAG = re.compile(r"<\|image_\d+\|>")   # the reference's pattern (split + findall); the one home
 # what Pillow raises on unreadable/corrupt/unsupported images
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -83,8 +82,7 @@ def hd_size(width: int, height: int, num_crops: int) -> tuple[int, int]:
 
 def tokens_for_hd_size(hd_width: int, hd_height: int) -> int:
     """Image tokens of one image whose padded HD size is hd_width x hd_height (PHI3V_SPEC §5.8)."""
-    h, w = hd_height // CROP, hd_width // CROP
-    return (h * w + 1) * TOKENS_PER_CROP + 1 + (h + 1) * NEWLINE_TOKENS
+    return crop_grid_tokens(hd_height // CROP, hd_width // CROP)
 
 
 def num_image_tokens(width: int, height: int, num_crops: int) -> int:
@@ -93,6 +91,23 @@ def num_image_tokens(width: int, height: int, num_crops: int) -> int:
     Unlike the reference helper it raises ValueError for sizes the image processor rejects.
     """
     return tokens_for_hd_size(*hd_size(width, height, num_crops))
+
+
+def image_tags(n: int, first: int = 1) -> str:
+    """`<|image_{first}|>...<|image_{first+n-1}|>`, the tags of n images numbered from `first`.
+
+    The one numbering rule: the processor needs the tags of one prompt to be 1..N for its N images.
+    Training (data.py) encodes every conversation turn as a prompt of its own, with that turn's
+    images, so each turn counts from 1 (the recipe's Phi3VDataset). Evaluation and generation put
+    the whole conversation into one prompt, so a later turn continues the count
+    (`first` = images of the earlier turns + 1).
+    """
+    return "".join(f"<|image_{k}|>" for k in range(first, first + n))
+
+
+def user_content(text: str, n_images: int, first: int = 1) -> str:
+    """A user message with its images' tags in front (`<|image_1|>...\n` + text), as the recipe does."""
+    return f"{image_tags(n_images, first)}\n{text}" if n_images else text
 
 
 # ----------------------------------------------------------------------------- images
@@ -201,10 +216,6 @@ class ImageProcessor:
             "image_sizes": torch.tensor(sizes, dtype=torch.int64),     # [N, 2] (H, W)
             "num_img_tokens": torch.tensor(counts, dtype=torch.int64),  # [N]
         }
-
-    def num_image_tokens(self, width: int, height: int) -> int:
-        """Image tokens for a width x height input at this processor's num_crops."""
-        return num_image_tokens(width, height, self.num_crops)
 
 
 # ----------------------------------------------------------------------------- processor

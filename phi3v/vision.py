@@ -13,9 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import Phi3VConfig, VisionConfig
-
-CROP = 336
+from .config import CROP, Phi3VConfig, VisionConfig, crop_grid_tokens
 
 
 # https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py
@@ -102,11 +100,6 @@ class CLIPVision(nn.Module):
         return x[:, 1:]
 
 
-def num_image_tokens(h_crop: int, w_crop: int, g: int = 12) -> int:
-    """Tokens of one image: sub grid with a newline per row, glb_GN, global grid with newlines."""
-    return h_crop * g * (w_crop * g + 1) + 1 + g * (g + 1)
-
-
 # reference: Phi3ImageEmbedding in microsoft/Phi-3.5-vision-instruct modeling_phi3_v.py
 class ImageEmbedding(nn.Module):
     """CLIP features of HD crops -> 2x2 merge -> separators -> projector, one row per image token."""
@@ -175,5 +168,5 @@ def check_image_inputs(cfg: Phi3VConfig, pixel_values: torch.Tensor, image_sizes
         if (h // CROP) * (w // CROP) + 1 > pixel_values.shape[1]:
             raise ValueError(f"image_sizes[{i}] = ({h}, {w}) needs {(h // CROP) * (w // CROP) + 1} crops but "
                              f"pixel_values holds only {pixel_values.shape[1]} per image")
-        counts.append(num_image_tokens(h // CROP, w // CROP, cfg.vision.grid // 2))
+        counts.append(crop_grid_tokens(h // CROP, w // CROP, cfg.vision.grid // 2))
     return counts

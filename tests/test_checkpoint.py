@@ -33,12 +33,9 @@ def test_round_trip(tmp_path):
     tensors = {"a.lora_A.weight": torch.randn(3, 5), "b": torch.arange(4, dtype=torch.bfloat16)}
     optim = {"step": 7, "master": torch.randn(10)}
     meta = {"config": {"lr": 2e-4, "name": "x", "targets": ["qkv_proj"]},
-            "sampler": {"epoch": 1, "index": 12},
-            "shape": (2, 3),  # a tuple does not survive JSON, so it goes to meta.pt
-            "rng_torch": torch.get_rng_state(), "rng_numpy": np.random.get_state()}
-    rank_state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    path = save_checkpoint(tmp_path, 7, tensors, optim, meta, rank_state=rank_state,
-                           files={"adapter_config.json": '{"r": 8}'})
+            "sampler": {"epoch": 1, "index": 12}}
+    rank_state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    path = save_checkpoint(tmp_path, 7, tensors, optim, meta, rank_state=rank_state)
     assert path == tmp_path / "checkpoints" / "step-7"
     assert latest_checkpoint(tmp_path) == path
     assert not any(p.name.startswith(".") for p in path.parent.iterdir())
@@ -49,14 +46,18 @@ def test_round_trip(tmp_path):
     assert t_skip == {} and m_skip["step"] == 7 and torch.equal(optims_skip[0]["master"], optim["master"])
     assert len(optims) == 1 and optims[0]["step"] == 7 and torch.equal(optims[0]["master"], optim["master"])
     assert m["step"] == 7 and m["config"] == meta["config"] and m["sampler"] == meta["sampler"]
-    assert m["shape"] == (2, 3)
-    assert torch.equal(m["rng_torch"], meta["rng_torch"])
-    assert all(np.array_equal(a, b) for a, b in zip(m["rng_numpy"], meta["rng_numpy"]))
     assert m["rank_states"][0]["python"] == rank_state["python"]
+    assert torch.equal(m["rank_states"][0]["torch"], rank_state["torch"])
+    assert all(np.array_equal(a, b) for a, b in zip(m["rank_states"][0]["numpy"], rank_state["numpy"]))
     assert json.loads((path / "meta.json").read_text())["sampler"] == {"epoch": 1, "index": 12}
-    assert (path / "adapter_config.json").read_text() == '{"r": 8}'
     listed = json.loads((path / "COMPLETE").read_text())["files"]
     assert set(listed) == {p.name for p in path.iterdir()} - {"COMPLETE"}
+
+
+def test_meta_must_be_plain_json(tmp_path):
+    with pytest.raises(ValueError, match=r"\['shape'\]"):
+        save_checkpoint(tmp_path, 1, {"w": torch.ones(1)}, {"step": 1}, {"shape": (2, 3)})   # a tuple
+    assert latest_checkpoint(tmp_path) is None
 
 
 def test_keep_last_and_resave(tmp_path):
@@ -100,7 +101,7 @@ def _wait_for(cond, proc, timeout=60.0):
 
 
 def test_sigkill_while_writing_keeps_previous(tmp_path):
-    # The second save hangs while pickling meta.pt, after weights and optimizer are written.
+    # The second save hangs while pickling its rank state, after the optimizer file is written.
     proc = _run("""
         import sys, time, torch
         from phi3v.checkpoint import save_checkpoint
@@ -108,16 +109,16 @@ def test_sigkill_while_writing_keeps_previous(tmp_path):
             def __reduce__(self):
                 time.sleep(600)
         save_checkpoint(sys.argv[1], 1, {"w": torch.ones(4)}, {"step": 1}, {})
-        save_checkpoint(sys.argv[1], 2, {"w": torch.zeros(1 << 22)}, {"step": 2}, {"x": Hang()})
+        save_checkpoint(sys.argv[1], 2, {"w": torch.zeros(1 << 22)}, {"step": 2}, {}, rank_state={"x": Hang()})
     """, tmp_path)
     tmp = tmp_path / "checkpoints" / ".tmp-step-2"
     try:
-        _wait_for(lambda: (tmp / "meta.json").exists(), proc)
+        _wait_for(lambda: (tmp / "optim_rank0.pt").exists(), proc)
         time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert tmp.exists() and (tmp / "weights.safetensors").exists()
+    assert tmp.exists() and (tmp / "optim_rank0.pt").exists()
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoints" / "step-1"
     assert torch.equal(load_checkpoint(latest_checkpoint(tmp_path))[0]["w"], torch.ones(4))
     _save(tmp_path, 2)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from convert import check, docvqa, hateful_memes, llava, nlvr2, sharegpt, ucf101
 from convert.common import ConvertError
-from convert.schema import iter_jsonl, validate_record
+from phi3v.schema import iter_jsonl, validate_record
 
 av = pytest.importorskip("av")
 pa = pytest.importorskip("pyarrow")

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from phi3v import Phi3V, Processor, demo
 from phi3v.data import ANSWER_SUFFIX, JsonlDataset, StepSampler, collate
-from phi3v.loss import chunked_ce, per_sample_ce
+from phi3v.loss import chunked_ce
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +26,22 @@ def proc(base):
 @pytest.fixture(scope="module")
 def model(base):
     return Phi3V.from_pretrained(base / "model")
+
+
+def per_sample_ce(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
+                  doc_ids: torch.Tensor) -> dict[tuple[int, int], float]:
+    """(row, document) -> mean CE of that sample's supervised tokens (the packed-vs-alone check)."""
+    with torch.no_grad():
+        logits = lm_head(hidden[:, :-1]).float()
+        tgt = labels[:, 1:]
+        ce = F.cross_entropy(logits.transpose(1, 2), tgt.clamp(min=0), reduction="none")
+        keep = tgt != -100
+        out = {}
+        for b in range(labels.shape[0]):
+            for d in doc_ids[b, 1:][keep[b]].unique().tolist():
+                m = keep[b] & (doc_ids[b, 1:] == d)
+                out[(b, d)] = float(ce[b][m].mean())
+        return out
 
 
 def write_jsonl(path, records):

@@ -5,14 +5,13 @@ One record per line:
      "conversations": [{"images": [path, ...], "user": str, "assistant": str}, ...]}
 Image paths are relative to the `images/` folder beside the jsonl. The user text holds no
 `<|image_k|>` tags: the training dataset puts `<|image_1|>...<|image_n|>\\n` in front of it.
-Extra top-level fields are allowed (e.g. DocVQA's "answers"). Standard library only: the
-training data pipeline imports this module.
+Extra top-level fields are allowed (e.g. DocVQA's "answers"). The training data pipeline,
+the evaluation and the converters (convert/) all read and write records through this module.
 """
 import json
-import re
 from pathlib import Path, PurePosixPath
 
-IMAGE_TAG = re.compile(r"<\|image_\d+\|>")
+from .processor import IMAGE_TAG
 
 
 def make_record(id: str, source: str, conversations: list, **extra) -> dict:
