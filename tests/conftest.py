@@ -1,4 +1,4 @@
-"""Shared fixtures: where the golden files are, seeding, and skip rules for optional extras."""
+"""Shared fixtures: where the golden files are, the demo model and data, seeding."""
 import os
 from pathlib import Path
 
@@ -20,6 +20,17 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(golden_dir) -> Path:
     return golden_dir / "tiny-phi3v"
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The built-in tiny model (`model/`, num_crops 1) and a small demo dataset (`data/`: 8 training and
+    4 validation clips of 8 frames), written once for the whole session; tests must not modify them."""
+    from phi3v import demo
+    root = tmp_path_factory.mktemp("demo")
+    demo.write_base_model(root / "model", num_crops=1)
+    demo.write_dataset(root / "data", n_train=8, n_val=4, n_test=0)
+    return root
 
 
 @pytest.fixture(autouse=True)

@@ -19,27 +19,13 @@ av = pytest.importorskip("av")
 pa = pytest.importorskip("pyarrow")
 import pyarrow.parquet as pq  # noqa: E402
 
+from helpers import make_video  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-STEP = 12  # frame i of a generated video has red = i * STEP
+STEP = 12  # frame i of a make_video video has red = i * STEP
 
 
 # ---------------------------------------------------------------- helpers
-
-def make_video(path: Path, n: int, container: str | None = None):
-    """An n-frame 16x16 MJPEG video whose frame i is coloured (i*STEP, 128, 128)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    c = av.open(str(path), "w", format=container)
-    s = c.add_stream("mjpeg", rate=25)
-    s.width, s.height, s.pix_fmt = 16, 16, "yuvj420p"
-    for i in range(n):
-        a = np.zeros((16, 16, 3), np.uint8)
-        a[:] = (i * STEP, 128, 128)
-        for pk in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
-            c.mux(pk)
-    for pk in s.encode():
-        c.mux(pk)
-    c.close()
-
 
 def frame_index(jpg: Path) -> int:
     return round(float(np.asarray(Image.open(jpg))[..., 0].mean()) / STEP)
@@ -127,7 +113,7 @@ def ucf_src(tmp_path_factory):
         make_video(root / split / cls / f"{stem}.avi", n)
     (root / "train" / "Archery" / "v_Archery_g00_c09.avi").write_bytes(b"not a video")   # unreadable
     make_video(root / "val" / "Archery" / "v_Archery_g09_c01.avi", 5)                     # too short
-    make_video(root / "test" / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g04_c01.avi", 12, "matroska")  # no frame count
+    make_video(root / "test" / "ApplyEyeMakeup" / "v_ApplyEyeMakeup_g04_c01.avi", 12, container="matroska")  # no frame count
     (root / "test" / "ApplyEyeMakeup" / "notes.txt").write_text("ignored")
     return top
 

@@ -5,27 +5,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from phi3v import Phi3V, Processor, demo
+from phi3v import Phi3V, Processor
 from phi3v.data import ANSWER_SUFFIX, JsonlDataset, StepSampler, collate
 from phi3v.loss import chunked_ce
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("demo")
-    demo.write_base_model(d / "model", num_crops=1)
-    demo.write_dataset(d / "data", n_train=8, n_val=4, n_test=0)
-    return d
+def proc(demo_dir):
+    return Processor.from_pretrained(demo_dir / "model")
 
 
 @pytest.fixture(scope="module")
-def proc(base):
-    return Processor.from_pretrained(base / "model")
-
-
-@pytest.fixture(scope="module")
-def model(base):
-    return Phi3V.from_pretrained(base / "model")
+def model(demo_dir):
+    return Phi3V.from_pretrained(demo_dir / "model")
 
 
 def per_sample_ce(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor,
@@ -49,8 +41,8 @@ def write_jsonl(path, records):
     return path
 
 
-def test_sample_layout(base, proc):
-    ds = JsonlDataset(base / "data" / "ucf101_train.jsonl", proc)
+def test_sample_layout(demo_dir, proc):
+    ds = JsonlDataset(demo_dir / "data" / "ucf101_train.jsonl", proc)
     s = ds[0]
     rec = ds.records[0].rec["conversations"][0]
     ids, labels = s["input_ids"], s["labels"]
@@ -58,7 +50,7 @@ def test_sample_layout(base, proc):
     # the prompt is exactly what the processor gives for the templated user turn with 8 image tags
     prompt = proc.apply_chat_template([{"role": "user", "content": "".join(
         f"<|image_{k}|>" for k in range(1, 9)) + "\n" + rec["user"]}])
-    images = [str(base / "data" / "images" / p) for p in rec["images"]]
+    images = [str(demo_dir / "data" / "images" / p) for p in rec["images"]]
     enc = proc(prompt, images)
     assert ids.tolist() == enc["input_ids"][0].tolist() + answer
     assert labels.tolist() == [-100] * enc["input_ids"].shape[1] + answer
@@ -67,12 +59,12 @@ def test_sample_layout(base, proc):
     assert len(ids) == ds.lengths[0]           # header-based count equals the real sample
 
 
-def test_multi_turn_trains_every_answer(base, proc, tmp_path):
+def test_multi_turn_trains_every_answer(demo_dir, proc, tmp_path):
     rec = {"id": "m", "source": "t", "conversations": [
         {"images": ["train/Ball/v_Ball_g01_c01.0.jpg"], "user": "What is it?", "assistant": "Ball"},
         {"images": [], "user": "Colour?", "assistant": "red"}]}
     f = write_jsonl(tmp_path / "x.jsonl", [rec])
-    ds = JsonlDataset(f, proc, images_dir=base / "data" / "images")
+    ds = JsonlDataset(f, proc, images_dir=demo_dir / "data" / "images")
     s = ds[0]
     sup = s["labels"][s["labels"] != -100].tolist()
     assert sup == proc.encode("Ball" + ANSWER_SUFFIX) + proc.encode("red" + ANSWER_SUFFIX)
@@ -88,16 +80,16 @@ def test_multi_turn_trains_every_answer(base, proc, tmp_path):
     (json.dumps({"id": "a", "source": "s", "conversations": [{"images": [], "user": "<|image_1|> q",
                                                               "assistant": "a"}]}), r"x.jsonl:2: .*image tag"),
 ])
-def test_bad_records_name_file_and_line(base, proc, tmp_path, line, message):
-    good = json.loads((base / "data" / "ucf101_train.jsonl").read_text().splitlines()[0])
+def test_bad_records_name_file_and_line(demo_dir, proc, tmp_path, line, message):
+    good = json.loads((demo_dir / "data" / "ucf101_train.jsonl").read_text().splitlines()[0])
     f = write_jsonl(tmp_path / "x.jsonl", [good, line])
     with pytest.raises(ValueError, match=message):
-        JsonlDataset(f, proc, images_dir=base / "data" / "images")
-    ds = JsonlDataset(f, proc, images_dir=base / "data" / "images", on_bad_record="skip")
+        JsonlDataset(f, proc, images_dir=demo_dir / "data" / "images")
+    ds = JsonlDataset(f, proc, images_dir=demo_dir / "data" / "images", on_bad_record="skip")
     assert len(ds) == 1 and len(ds.skipped) == 1 and "x.jsonl:2" in ds.skipped[0]
 
 
-def test_corrupt_image_is_reported(base, proc, tmp_path):
+def test_corrupt_image_is_reported(demo_dir, proc, tmp_path):
     img_dir = tmp_path / "images"
     img_dir.mkdir()
     (img_dir / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 10)
@@ -107,8 +99,8 @@ def test_corrupt_image_is_reported(base, proc, tmp_path):
         JsonlDataset(f, proc)
 
 
-def test_too_long_dropped_or_error_never_truncated(base, proc):
-    f = base / "data" / "ucf101_train.jsonl"
+def test_too_long_dropped_or_error_never_truncated(demo_dir, proc):
+    f = demo_dir / "data" / "ucf101_train.jsonl"
     full = JsonlDataset(f, proc)
     limit = sorted(full.lengths)[len(full) // 2]
     ds = JsonlDataset(f, proc, max_length=limit)
@@ -117,8 +109,8 @@ def test_too_long_dropped_or_error_never_truncated(base, proc):
         JsonlDataset(f, proc, max_length=limit - 1, on_too_long="error")
 
 
-def test_collate_right_padding_and_images_in_order(base, proc):
-    ds = JsonlDataset(base / "data" / "ucf101_train.jsonl", proc)
+def test_collate_right_padding_and_images_in_order(demo_dir, proc):
+    ds = JsonlDataset(demo_dir / "data" / "ucf101_train.jsonl", proc)
     a, b = ds[0], ds[1]
     b = {**b, "input_ids": b["input_ids"][:-3], "labels": b["labels"][:-3]}   # make lengths differ
     batch = collate([a, b], pad_id=proc.pad_token_id)
@@ -132,8 +124,8 @@ def test_collate_right_padding_and_images_in_order(base, proc):
     assert packed["doc_ids"][0].tolist() == [0] * len(a["input_ids"]) + [1] * len(b["input_ids"])
 
 
-def test_packed_loss_equals_unpacked(base, proc, model):
-    ds = JsonlDataset(base / "data" / "ucf101_train.jsonl", proc)
+def test_packed_loss_equals_unpacked(demo_dir, proc, model):
+    ds = JsonlDataset(demo_dir / "data" / "ucf101_train.jsonl", proc)
     samples = [ds[i] for i in range(3)]
     with torch.no_grad():
         single = []
@@ -172,9 +164,9 @@ def test_chunked_ce_matches_full_and_grads():
         torch.testing.assert_close(a, b)
 
 
-def test_loss_normalisation_independent_of_micro_batching(base, proc, model):
+def test_loss_normalisation_independent_of_micro_batching(demo_dir, proc, model):
     """The gradient of (sum CE / global supervised tokens) is the same for any micro-batch split."""
-    ds = JsonlDataset(base / "data" / "ucf101_train.jsonl", proc)
+    ds = JsonlDataset(demo_dir / "data" / "ucf101_train.jsonl", proc)
     samples = [ds[i] for i in range(4)]
     w = model.lm_head.weight
 

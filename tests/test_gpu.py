@@ -7,6 +7,7 @@ of the golden files, see bench/README.md). The bf16 and QLoRA checks are paramet
 device: their CPU variants run in every CPU test run and keep the tolerances below honest.
 """
 import copy
+import importlib.util
 import json
 
 import numpy as np
@@ -226,3 +227,27 @@ def test_qlora_step0_loss_equals_lora(device, backend):
     rel = abs(losses["qlora"].item() - losses["lora"].item()) / losses["lora"].item()
     assert rel <= 1e-2, f"QLoRA step-0 loss {losses['qlora'].item():.5f} vs bf16 LoRA {losses['lora'].item():.5f}"
     assert rel > 0, "NF4 changed nothing: the base was not quantised"
+
+
+# ------------------------------------------------------------------------------------------------
+# the optional flash-attn path against SDPA
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attn_path_matches_sdpa(dtype, monkeypatch):
+    """Attention's flash-attn branch (taken for causal CUDA fp16/bf16) equals the SDPA branch: same
+    layer, same input, once with flash-attn and once with it switched off."""
+    from phi3v import model as model_py
+    torch.manual_seed(0)
+    cfg = Phi3VConfig.tiny(hidden_size=256, num_attention_heads=4)    # head_dim 64
+    layer = model_py.Attention(cfg).to("cuda", dtype)
+    x = torch.randn(2, 300, cfg.hidden_size, device="cuda", dtype=dtype)
+    pos = torch.arange(300, device="cuda").expand(2, 300)
+    cos, sin = model_py.rope_cos_sin(cfg, pos, False, dtype)
+    with torch.no_grad():
+        assert model_py.use_flash_attn(x.view(2, 300, 4, 64).transpose(1, 2))
+        flash = layer(x, cos, sin, "causal")
+        monkeypatch.setattr(model_py, "FLASH_ATTN", False)
+        sdpa = layer(x, cos, sin, "causal")
+    torch.testing.assert_close(flash.float(), sdpa.float(), rtol=2e-2, atol=2e-2)

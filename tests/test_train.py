@@ -15,49 +15,40 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from train_helpers import (ENV, REPO, command, copy_truncated, differing, final_state, kill_when, max_diff,
+from helpers import (ENV, REPO, command, copy_truncated, differing, final_state, kill_when, max_diff,
                            metrics, start, train)
 
 sys.path.insert(0, str(REPO))
 import train as train_py  # noqa: E402
-from phi3v import Phi3V, Processor, demo, load_adapter  # noqa: E402
+from phi3v import Phi3V, Processor, load_adapter  # noqa: E402
 from phi3v.checkpoint import latest_checkpoint  # noqa: E402
 
 N = 4  # optimizer steps of the reference runs (8 samples, batch 4: 2 epochs), checkpoints at 2 and 4
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """The built-in tiny model and a small demo dataset, written once."""
-    root = tmp_path_factory.mktemp("train_base")
-    demo.write_base_model(root / "model", num_crops=1)
-    demo.write_dataset(root / "data", n_train=8, n_val=2, n_test=0)
-    return root
-
-
-def common(base, out, steps=N) -> list:
-    return ["--task", "demo", "--model", base / "model", "--data_dir", base / "data", "--output_dir", out,
+def common(demo_dir, out, steps=N) -> list:
+    return ["--task", "demo", "--model", demo_dir / "model", "--data_dir", demo_dir / "data", "--output_dir", out,
             "--no_tqdm", "--batch_size", 4, "--micro_batch_size", 2, "--max_eval_samples", 2,
             "--max_new_tokens", 4, "--num_workers", 0, "--logging_steps", 1, "--max_steps", steps]
 
 
-def resumable(base, out) -> list:
-    return common(base, out) + ["--save_steps", 2, "--keep_checkpoints", 5]
+def resumable(demo_dir, out) -> list:
+    return common(demo_dir, out) + ["--save_steps", 2, "--keep_checkpoints", 5]
 
 
 @pytest.fixture(scope="module")
-def ref(base, tmp_path_factory):
+def ref(demo_dir, tmp_path_factory):
     """The uninterrupted 1-rank LoRA run (N steps, checkpoints every 2, merged export)."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    r = train(resumable(base, out) + ["--merge"])
+    r = train(resumable(demo_dir, out) + ["--merge"])
     return out, r
 
 
 @pytest.fixture(scope="module")
-def ref2(base, tmp_path_factory):
+def ref2(demo_dir, tmp_path_factory):
     """The same run on 2 ranks (torchrun, gloo)."""
     out = tmp_path_factory.mktemp("ref2") / "out"
-    train(resumable(base, out), nproc=2)
+    train(resumable(demo_dir, out), nproc=2)
     return out
 
 
@@ -102,10 +93,10 @@ def test_every_promised_output(ref):
     assert "Traceback" not in r.stderr
 
 
-def test_adapter_equals_checkpoint_weights(ref, base):
+def test_adapter_equals_checkpoint_weights(ref, demo_dir):
     """The exported peft adapter is the trained state: loading it reproduces the step-N weights."""
     out, _ = ref
-    m = Phi3V.from_pretrained(base / "model")
+    m = Phi3V.from_pretrained(demo_dir / "model")
     load_adapter(m, out)
     w = load_file(out / "checkpoints" / f"step-{N}" / "weights.safetensors")
     params = dict(m.named_parameters())
@@ -114,10 +105,10 @@ def test_adapter_equals_checkpoint_weights(ref, base):
 
 # ---------------------------------------------------------------- resume
 
-def test_no_checkpoint_then_sigkill_after_checkpoint_resumes_bitwise_with_dropout(base, tmp_path):
+def test_no_checkpoint_then_sigkill_after_checkpoint_resumes_bitwise_with_dropout(demo_dir, tmp_path):
     """LoRA dropout 0.1, so the RNG state must continue exactly too."""
     def args(out):
-        return resumable(base, out) + ["--lora_dropout", 0.1]
+        return resumable(demo_dir, out) + ["--lora_dropout", 0.1]
     straight = tmp_path / "straight"
     train(args(straight))
     out, log = tmp_path / "run", tmp_path / "log1"
@@ -134,18 +125,18 @@ def test_no_checkpoint_then_sigkill_after_checkpoint_resumes_bitwise_with_dropou
     assert json.loads((out / "eval.json").read_text()) == json.loads((straight / "eval.json").read_text())
 
 
-def test_sigkill_while_writing_checkpoint_resumes_bitwise(base, ref, tmp_path):
+def test_sigkill_while_writing_checkpoint_resumes_bitwise(demo_dir, ref, tmp_path):
     for attempt in range(3):
         out, log = tmp_path / f"run{attempt}", tmp_path / f"log{attempt}"
         tmp4 = out / "checkpoints" / ".tmp-step-4"
-        p = start(resumable(base, out), log)
+        p = start(resumable(demo_dir, out), log)
         kill_when(p, lambda: (tmp4 / "optim_rank0.pt").exists(), log)
         if tmp4.exists() and not (out / "checkpoints" / "step-4").exists():
             break       # killed mid-save
     else:
         pytest.fail("could not land a SIGKILL while step-4 was being written in 3 tries")
     assert latest_checkpoint(out).name == "step-2", "the previous checkpoint must stay usable"
-    r = train(resumable(base, out) + ["--resume"])
+    r = train(resumable(demo_dir, out) + ["--resume"])
     assert "resumed from" in r.stdout and "step-2" in r.stdout
     assert not tmp4.exists()
     bad = differing(final_state(out, N), final_state(ref[0], N))
@@ -153,11 +144,11 @@ def test_sigkill_while_writing_checkpoint_resumes_bitwise(base, ref, tmp_path):
     assert_step_records(out, N)      # steps 3-4 logged before the kill appear once, not twice
 
 
-def test_resume_finished_run_does_nothing(base, ref, tmp_path):
+def test_resume_finished_run_does_nothing(demo_dir, ref, tmp_path):
     out = tmp_path / "done"
     shutil.copytree(ref[0], out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    r = train(resumable(base, out) + ["--resume"])
+    r = train(resumable(demo_dir, out) + ["--resume"])
     assert "already finished" in r.stdout
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
@@ -184,9 +175,9 @@ ONE_THREAD = {"LOCAL_WORLD_SIZE": "2"}
 
 
 @pytest.fixture(scope="module")
-def ref1t(base, tmp_path_factory):
+def ref1t(demo_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref1t") / "out"
-    train(resumable(base, out), env=ONE_THREAD)
+    train(resumable(demo_dir, out), env=ONE_THREAD)
     return out
 
 
@@ -200,18 +191,18 @@ def test_two_ranks_bitwise_equal_one_rank_at_equal_threads(ref1t, ref2):
     assert_bitwise(ref1t, ref2)
 
 
-def test_resume_two_ranks_to_one(base, ref2, tmp_path):
+def test_resume_two_ranks_to_one(demo_dir, ref2, tmp_path):
     out = copy_truncated(ref2, tmp_path / "r21", keep_step=2)
-    r = train(resumable(base, out) + ["--resume"], env=ONE_THREAD)
+    r = train(resumable(demo_dir, out) + ["--resume"], env=ONE_THREAD)
     assert "resumed from" in r.stdout and "world size 1" in r.stdout
     assert len(list((out / "checkpoints" / f"step-{N}").glob("optim_rank*.pt"))) == 1
     assert_bitwise(out, ref2)       # steps 1-2 on 2 ranks, 3-4 on 1 rank (re-partitioned optimizer)
 
 
-def test_resume_one_rank_to_two(base, ref1t, tmp_path):
+def test_resume_one_rank_to_two(demo_dir, ref1t, tmp_path):
     out = copy_truncated(ref1t, tmp_path / "r12", keep_step=4)
     ck = out / "checkpoints" / "step-2"
-    r = train(resumable(base, out) + ["--resume", ck], nproc=2)      # an explicit checkpoint dir
+    r = train(resumable(demo_dir, out) + ["--resume", ck], nproc=2)      # an explicit checkpoint dir
     assert f"resumed from {ck}" in r.stdout and "world size 2" in r.stdout
     assert len(list((out / "checkpoints" / f"step-{N}").glob("optim_rank*.pt"))) == 2
     assert_bitwise(out, ref1t)      # steps 1-2 on 1 rank, 3-4 on 2 ranks
@@ -234,36 +225,36 @@ def test_full_demo_one_and_two_ranks(tmp_path):
 
 # ---------------------------------------------------------------- modes
 
-def test_merge_equals_base_plus_adapter(ref, base):
+def test_merge_equals_base_plus_adapter(ref, demo_dir):
     out, _ = ref
     merged = Phi3V.from_pretrained(out / "merged").eval()
-    lora = Phi3V.from_pretrained(base / "model")
+    lora = Phi3V.from_pretrained(demo_dir / "model")
     load_adapter(lora, out)
     lora.eval()
     proc = Processor.from_pretrained(out / "merged")
-    rec = json.loads((base / "data" / "ucf101_val.jsonl").read_text().splitlines()[0])
+    rec = json.loads((demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()[0])
     turn = rec["conversations"][0]
-    images = [Image.open(base / "data" / "images" / p).convert("RGB") for p in turn["images"]]
+    images = [Image.open(demo_dir / "data" / "images" / p).convert("RGB") for p in turn["images"]]
     tags = "".join(f"<|image_{k}|>" for k in range(1, len(images) + 1))
     prompt = proc.apply_chat_template([{"role": "user", "content": f"{tags}\n{turn['user']}"}])
     enc = proc(prompt, images)
     with torch.no_grad():
         a = merged(enc["input_ids"], pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"]).logits
         b = lora(enc["input_ids"], pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"]).logits
-        c = Phi3V.from_pretrained(base / "model").eval()(
+        c = Phi3V.from_pretrained(demo_dir / "model").eval()(
             enc["input_ids"], pixel_values=enc["pixel_values"], image_sizes=enc["image_sizes"]).logits
     assert (a - b).abs().max().item() < 1e-4
-    assert (a - c).abs().max().item() > 1e-3, "the merged model must differ from the base"
+    assert (a - c).abs().max().item() > 1e-3, "the merged model must differ from the demo_dir"
     assert not any("lora" in k for k in load_file(out / "merged" / "model.safetensors"))
 
 
-def test_full_with_frozen_vision(base, tmp_path):
+def test_full_with_frozen_vision(demo_dir, tmp_path):
     out = tmp_path / "full"
-    train(common(base, out, steps=2) + ["--full", "--freeze_vision", "--num_workers", 1])   # a loader worker
+    train(common(demo_dir, out, steps=2) + ["--full", "--freeze_vision", "--num_workers", 1])   # a loader worker
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     assert not (out / "adapter_model.safetensors").exists()
     trained = dict(Phi3V.from_pretrained(out).named_parameters())
-    orig = dict(Phi3V.from_pretrained(base / "model").named_parameters())
+    orig = dict(Phi3V.from_pretrained(demo_dir / "model").named_parameters())
     vision = [k for k in orig if k.startswith("vision.")]
     assert vision and all(torch.equal(trained[k], orig[k]) for k in vision), "vision changed"
     changed = [k for k in orig if not k.startswith("vision.") and not torch.equal(trained[k], orig[k])]
@@ -271,11 +262,11 @@ def test_full_with_frozen_vision(base, tmp_path):
     assert json.loads((out / "eval.json").read_text())["after"]["accuracy"] is not None
 
 
-def test_lora_frozen_vision_and_packing(base, ref, tmp_path):
+def test_lora_frozen_vision_and_packing(demo_dir, ref, tmp_path):
     """--packing: same step-1 loss as the padded reference (nothing trained yet, lr 0 at step 1;
     the frozen vision only changes what is trained); --freeze_vision: no vision LoRA at all."""
     out = tmp_path / "packed"
-    train(common(base, out, steps=2) + ["--packing", "--freeze_vision"])
+    train(common(demo_dir, out, steps=2) + ["--packing", "--freeze_vision"])
     packed = assert_step_records(out, 2)
     padded = [m for m in metrics(ref[0]) if "loss" in m]
     assert packed[0]["loss"] == pytest.approx(padded[0]["loss"], rel=1e-5)
@@ -284,22 +275,22 @@ def test_lora_frozen_vision_and_packing(base, ref, tmp_path):
     assert keys and not any("vision_embed_tokens" in k for k in keys)
 
 
-def test_qlora_on_cpu(base, tmp_path):
-    """Our NF4 base (activation checkpointing on, the default) + LoRA."""
+def test_qlora_on_cpu(demo_dir, tmp_path):
+    """Our NF4 demo_dir (activation checkpointing on, the default) + LoRA."""
     out = tmp_path / "qlora"
-    r = train(common(base, out, steps=2) + ["--qlora"])
+    r = train(common(demo_dir, out, steps=2) + ["--qlora"])
     assert "mode qlora" in r.stdout
     assert_step_records(out, 2)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
-    m = Phi3V.from_pretrained(base / "model")
-    load_adapter(m, out)                       # the adapter fits the unquantised base
+    m = Phi3V.from_pretrained(demo_dir / "model")
+    load_adapter(m, out)                       # the adapter fits the unquantised demo_dir
     assert json.loads((out / "eval.json").read_text())["after"] is not None
 
 
-def test_eval_only_with_adapter(base, ref, tmp_path):
+def test_eval_only_with_adapter(demo_dir, ref, tmp_path):
     out = tmp_path / "eval"
-    args = common(base, out) + ["--eval_only", "--adapter", ref[0]]
+    args = common(demo_dir, out) + ["--eval_only", "--adapter", ref[0]]
     train(args)
     ev = json.loads((out / "eval.json").read_text())
     ref_after = json.loads((ref[0] / "eval.json").read_text())["after"]
@@ -308,30 +299,30 @@ def test_eval_only_with_adapter(base, ref, tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "adapter_model.safetensors").exists()
 
 
-def test_bf16_on_cpu_with_progress_bar(base, tmp_path):
+def test_bf16_on_cpu_with_progress_bar(demo_dir, tmp_path):
     out = tmp_path / "bf16"
-    r = train([a for a in common(base, out, steps=2) if a != "--no_tqdm"] + ["--bf16"])
+    r = train([a for a in common(demo_dir, out, steps=2) if a != "--no_tqdm"] + ["--bf16"])
     assert "bfloat16" in r.stdout and "train:" in r.stderr      # tqdm's bar on stderr
     assert_step_records(out, 2)
     assert (out / "adapter_model.safetensors").exists()
 
 
-def test_fp16_on_cpu(base, tmp_path):
+def test_fp16_on_cpu(demo_dir, tmp_path):
     try:
         torch.ones(4, 4, dtype=torch.float16) @ torch.ones(4, 4, dtype=torch.float16)
     except RuntimeError as e:
         pytest.skip(f"fp16 matmul unsupported on this CPU build: {e}")
     out = tmp_path / "fp16"
-    train(common(base, out, steps=2) + ["--fp16"])
+    train(common(demo_dir, out, steps=2) + ["--fp16"])
     recs = assert_step_records(out, 2)      # strict JSON: an overflowed step has grad_norm null
     assert recs[0].get("fp16_overflow_skipped"), "loss scale 2^16 overflows at first (dynamic scaling)"
     assert (out / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.slow
-def test_fp16_on_cpu_trains_after_overflows(base, tmp_path):
+def test_fp16_on_cpu_trains_after_overflows(demo_dir, tmp_path):
     out = tmp_path / "fp16"
-    train(common(base, out, steps=6) + ["--fp16"])
+    train(common(demo_dir, out, steps=6) + ["--fp16"])
     recs = assert_step_records(out, 6)
     applied = [m for m in recs if not m.get("fp16_overflow_skipped")]
     assert applied and applied[-1]["loss"] < recs[0]["loss"]
@@ -343,7 +334,7 @@ def test_fp16_on_cpu_trains_after_overflows(base, tmp_path):
 def preset_data(tmp_path_factory):
     """Every preset's converted layout, built with the converters from tiny raw inputs."""
     pytest.importorskip("av")
-    import train_helpers as h
+    import helpers as h
     from convert import docvqa, hateful_memes, nlvr2, ucf101
     root = tmp_path_factory.mktemp("presets")
     for name, raw, conv in (("ucf101", h.ucf101_raw, ucf101.convert), ("docvqa", h.docvqa_raw, docvqa.convert),
@@ -354,14 +345,14 @@ def preset_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize("task", ["ucf101", "docvqa", "hateful_memes", "nlvr2", "jsonl"])
-def test_preset_runs(task, base, preset_data, tmp_path):
+def test_preset_runs(task, demo_dir, preset_data, tmp_path):
     out = tmp_path / task
     if task == "jsonl":
         data = ["--train_file", preset_data / "nlvr2" / "nlvr2_train.jsonl",
                 "--eval_file", preset_data / "nlvr2" / "nlvr2_val.jsonl"]
     else:
         data = ["--data_dir", preset_data / task]
-    r = train(["--task", task, "--model", base / "model", *data, "--output_dir", out, "--no_tqdm",
+    r = train(["--task", task, "--model", demo_dir / "model", *data, "--output_dir", out, "--no_tqdm",
                "--max_steps", 2, "--batch_size", 4, "--micro_batch_size", 2, "--max_eval_samples", 2,
                "--max_new_tokens", 4, "--num_workers", 0, "--logging_steps", 1])
     assert "train: 4 samples" in r.stdout
@@ -377,14 +368,14 @@ def test_preset_runs(task, base, preset_data, tmp_path):
 
 # ---------------------------------------------------------------- bad input
 
-def test_bad_cli_input_one_line_no_traceback(base, tmp_path):
+def test_bad_cli_input_one_line_no_traceback(demo_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
-    good = (base / "data" / "ucf101_train.jsonl").read_text().splitlines()[0]
+    good = (demo_dir / "data" / "ucf101_train.jsonl").read_text().splitlines()[0]
     bad.write_text(good + "\n{\"id\": \"x\", broken\n")
-    (tmp_path / "images").symlink_to(base / "data" / "images")
+    (tmp_path / "images").symlink_to(demo_dir / "data" / "images")
     noimg = tmp_path / "noimg.jsonl"
     noimg.write_text(good + "\n" + good.replace("train/", "nowhere/") + "\n")
-    m = ["--model", base / "model", "--output_dir", tmp_path / "o", "--no_tqdm", "--num_workers", 0]
+    m = ["--model", demo_dir / "model", "--output_dir", tmp_path / "o", "--no_tqdm", "--num_workers", 0]
     cases = {   # name: (argv, extra env, what the message must contain)
         "unknown task": (["--task", "nope"], {}, "nope"),
         "ucf101 without data": (["--task", "ucf101"], {}, "--data_dir"),

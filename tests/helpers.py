@@ -1,5 +1,5 @@
-"""Helpers for tests/test_train.py: run train.py as a real CLI, read its outputs, build tiny
-converted datasets for every preset from raw inputs (no network)."""
+"""Test helpers: run train.py as a real CLI and read its outputs (test_train.py), write tiny videos
+and raw inputs of every preset's dataset (test_convert.py, test_train.py; no network)."""
 from __future__ import annotations
 
 import json
@@ -147,15 +147,16 @@ def png(path: Path, color, size=(40, 30)) -> None:
     Image.new("RGB", size, tuple(color)).save(path)
 
 
-def make_video(path: Path, n: int, shade: int) -> None:
+def make_video(path: Path, n: int, color=lambda i: (i * 12, 128, 128), container: str | None = None) -> None:
+    """An n-frame 16x16 MJPEG video whose frame i is filled with color(i) (RGB)."""
     import av
     path.parent.mkdir(parents=True, exist_ok=True)
-    c = av.open(str(path), "w")
+    c = av.open(str(path), "w", format=container)
     s = c.add_stream("mjpeg", rate=25)
     s.width, s.height, s.pix_fmt = 16, 16, "yuvj420p"
     for i in range(n):
         a = np.zeros((16, 16, 3), np.uint8)
-        a[:] = (shade, 10 * i, 128)
+        a[:] = color(i)
         for pk in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
             c.mux(pk)
     for pk in s.encode():
@@ -167,7 +168,8 @@ def ucf101_raw(root: Path) -> Path:
     for split, n in (("train", 2), ("val", 1)):
         for k, cls in enumerate(("Archery", "Bowling")):
             for i in range(n):
-                make_video(root / split / cls / f"v_{cls}_g{i + 1:02d}_c01.avi", 8, 60 * k + 20 * i)
+                make_video(root / split / cls / f"v_{cls}_g{i + 1:02d}_c01.avi", 8,
+                           lambda j, shade=60 * k + 20 * i: (shade, 10 * j, 128))
     return root
 
 
