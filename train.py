@@ -28,12 +28,10 @@ import torch
 
 from phi3v import Phi3V, Processor, dist
 from phi3v.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from phi3v.config import CLIP_LINEARS, LM_LINEARS, PROJECTOR_LINEARS
-from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate
+from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate, to_device
 from phi3v.evaluate import evaluate, load_eval_records
-from phi3v.lora import apply_lora, load_adapter, lora_parameters, merge_lora, save_adapter
-from phi3v.loss import chunked_ce
-from phi3v.nf4 import quantize_nf4
+from phi3v.finetune import prepare
+from phi3v.lora import load_adapter, merge_lora, save_adapter
 from phi3v.optim import DynamicLossScaler, ZeroAdamW, lr_at, no_decay
 
 
@@ -71,8 +69,15 @@ class TrainConfig:
     mode: str | None = field(default=None, metadata={"help": "set by --lora / --qlora / --full"})
     freeze_vision: bool = field(default=False, metadata={
         "help": "freeze CLIP, projector and separators", "aliases": ["--freeze_vision_model", "--freeze_image_model"]})
-    bf16: bool = field(default=False, metadata={"help": "bf16 weights and compute"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 weights and compute (default on CUDA where supported)"})
     fp16: bool = field(default=False, metadata={"help": "fp16 compute with dynamic loss scaling"})
+    fp32: bool = field(default=False, metadata={"help": "fp32 weights and compute (default on CPU)"})
+    compile: bool | None = field(default=None, metadata={
+        "help": "torch.compile the decoder blocks, CLIP layers and projector (default: on for CUDA, off on CPU)"})
+    recompute: str | None = field(default=None, metadata={
+        "help": "activation recomputation: auto (CUDA default: the fastest that the memory plan fits), none, "
+                "selective, full (CPU default)", "choices": ["auto", "none", "selective", "full"]})
+    tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on CUDA (--no_tf32 turns them off)"})
     batch_size: int = field(default=64, metadata={"help": "global batch (samples per optimizer step)"})
     micro_batch_size: int = field(default=1, metadata={"help": "samples per forward on one GPU",
                                                        "aliases": ["--batch_size_per_gpu"]})
@@ -91,7 +96,6 @@ class TrainConfig:
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)"})
     lora_alpha_ratio: float | None = field(default=None, metadata={"help": "alpha = round(rank x ratio)"})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "recompute decoder blocks in backward"})
     packing: bool = field(default=False, metadata={"help": "pack each micro-batch into one padding-free row"})
     drop_too_long: bool = field(default=True, metadata={"help": "drop samples over --max_length (else error)"})
     skip_bad_records: bool = field(default=False, metadata={"help": "skip and count malformed records"})
@@ -114,6 +118,10 @@ class TrainConfig:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
+    @property
+    def cuda(self) -> bool:
+        return torch.cuda.is_available()
+
 
 def parse_args(argv=None) -> TrainConfig:
     """One `--snake_case` flag per TrainConfig field (type from the annotation), the recipe's aliases,
@@ -135,10 +143,10 @@ def parse_args(argv=None) -> TrainConfig:
             continue
         names = [f"--{f.name}"] + f.metadata.get("aliases", [])
         kw = {"help": f.metadata.get("help", ""), "dest": f.name, "default": f.default}
-        if f.type in ("bool", bool):
-            if f.name == "tqdm":
-                p.add_argument("--tqdm", dest="tqdm", action="store_true", default=True, help=kw["help"])
-                p.add_argument("--no_tqdm", "--no-tqdm", dest="tqdm", action="store_false")
+        if f.type in ("bool", bool, "bool | None"):
+            if f.name in ("tqdm", "compile", "tf32"):     # --x / --no_x (and the recipe's --no-tqdm)
+                p.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default, help=kw["help"])
+                p.add_argument(f"--no_{f.name}", f"--no-{f.name}", dest=f.name, action="store_false")
             elif f.default:
                 p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
             else:
@@ -160,8 +168,18 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
     c = dataclasses.asdict(cfg)
     if c["use_flash_attention"]:
         c["bf16"] = True          # the recipe's flash path is bf16; SDPA picks flash kernels itself
-    if c["bf16"] and c["fp16"]:
-        error("--bf16 and --fp16 are exclusive")
+    if c["bf16"] + c["fp16"] + c["fp32"] > 1:
+        error("--bf16, --fp16 and --fp32 are exclusive")
+    # speed defaults: on CUDA bf16 (where supported), compiled, the recompute policy the memory plan
+    # picks; on CPU fp32, eager, full recomputation
+    cuda = torch.cuda.is_available()
+    if not (c["bf16"] or c["fp16"] or c["fp32"]):
+        c["bf16"] = cuda and torch.cuda.is_bf16_supported()
+        c["fp32"] = not c["bf16"]
+    if c["compile"] is None:
+        c["compile"] = cuda
+    if c["recompute"] is None:
+        c["recompute"] = "auto" if cuda else "full"
     c["mode"] = c["mode"] or "lora"            # the recipe's common case, and the demo's
     if c["mode"] == "full" and (c["lora_alpha"] or c["lora_alpha_ratio"] or c["lora_dropout"]):
         error("--lora_alpha/--lora_alpha_ratio/--lora_dropout need --lora or --qlora, not --full")
@@ -210,6 +228,8 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
 def setup(cfg: TrainConfig) -> torch.device:
     """Process group, CPU threads, seeds; the demo's model and data (written once, by rank 0)."""
     device = dist.init()
+    if device.type == "cuda" and cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == "cpu":
         # an explicit OMP_NUM_THREADS wins; else share the cores between the local ranks
         threads = os.environ.get("OMP_NUM_THREADS")
@@ -228,26 +248,12 @@ def setup(cfg: TrainConfig) -> torch.device:
     return device
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> Phi3V:
-    """Load -> quantise (QLoRA) -> LoRA / freezing -> activation checkpointing."""
+def build_model(cfg: TrainConfig, device: torch.device, recompute: str) -> Phi3V:
+    """Load -> mode set-up (quantise, LoRA, freezing: phi3v.finetune) -> recomputation and compilation."""
     model = Phi3V.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
-    model.requires_grad_(cfg.mode == "full")
-    if cfg.mode == "qlora":   # NF4 for the decoder and CLIP linears (the recipe's bnb: all but lm_head)
-        quantize_nf4(model, targets=list(LM_LINEARS + CLIP_LINEARS))
-    if cfg.mode in ("lora", "qlora"):
-        torch.manual_seed(cfg.seed)          # adapter init is part of the run's determinism
-        if cfg.adapter:
-            load_adapter(model, cfg.adapter)
-        else:                                # the recipe's targets: LM, lm_head, and vision unless frozen
-            vision = () if cfg.freeze_vision else CLIP_LINEARS + PROJECTOR_LINEARS
-            apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                       targets=list(LM_LINEARS + ("lm_head",) + vision), init="gaussian")
-        for p in lora_parameters(model):     # also for an adapter loaded to continue training
-            p.requires_grad_(True)
-    if cfg.freeze_vision:
-        model.freeze_vision()
-    model.gradient_checkpointing = cfg.gradient_checkpointing
-    model.vision.clip.gradient_checkpointing = cfg.gradient_checkpointing
+    prepare(model, cfg.mode, freeze_vision=cfg.freeze_vision, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout, adapter=cfg.adapter, seed=cfg.seed)
+    model.configure_training(recompute=recompute, compile=cfg.compile)
     return model
 
 
@@ -472,10 +478,14 @@ def main(cfg: TrainConfig) -> None:
     log = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
     out, eval_path = Path(cfg.output_dir), Path(cfg.output_dir) / "eval.json"
     proc = Processor.from_pretrained(cfg.model, num_crops=cfg.num_crops)
-    model = build_model(cfg, device)
+    recompute = "full" if cfg.recompute == "auto" else cfg.recompute
+    model = build_model(cfg, device, recompute)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     log(f"model {cfg.model}: mode {cfg.mode}{' (vision frozen)' if cfg.freeze_vision else ''}, {cfg.dtype}, "
         f"{sum(p.numel() for _, p in named):,} trainable parameters, world size {world}, device {device}")
+    log(f"speed settings: {str(cfg.dtype).replace('torch.', '')}, compile {'on' if cfg.compile else 'off'}, "
+        f"recompute {recompute}" + (f" (--recompute {cfg.recompute})" if cfg.recompute == "auto" else "")
+        + (f", TF32 {'on' if cfg.tf32 else 'off'}" if device.type == "cuda" else ""))
     out.mkdir(parents=True, exist_ok=True)
     run_eval = make_evaluator(cfg, model, proc)
     if cfg.eval_only:
@@ -512,27 +522,24 @@ def main(cfg: TrainConfig) -> None:
     model.train()
     for step in range(start_step, total_steps):
         opt.lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, total_steps, cfg.lr_schedule)
-        loss_sum, n_tok, n_seen = 0.0, 0, 0
-        # gradient accumulation: every micro-batch's backward adds into .grad; no averaging here
+        loss_sum, n_tok, n_seen = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+        # gradient accumulation: every micro-batch's backward adds into .grad; no averaging here.
+        # A micro-step never waits for the GPU: the collator computed every data-dependent index on
+        # the CPU, and the loss stays on the device until the step's one all-reduce below.
         for _ in sampler.micro_batches(step):
             batch = next(batches)
             skipped += len(batch["skipped"])
             if batch["n_samples"] == 0:      # every sample of it was unreadable (--skip_bad_records)
                 continue
-            pixels = batch["pixel_values"]
-            h = model.hidden_packed(batch["input_ids"].to(device), batch["doc_ids"].to(device),
-                                    pixel_values=None if pixels is None else pixels.to(device),
-                                    image_sizes=batch["image_sizes"])
             # summed (not averaged) CE: the step below divides by the token count of the whole batch
-            loss, n = chunked_ce(h, model.lm_head, batch["labels"])
+            loss = model.training_loss(to_device(batch, device))
             (loss * scaler.scale).backward()
-            loss_sum += loss.item()
-            n_tok += n
-            n_seen += int(batch["input_ids"].numel())
+            loss_sum += loss.detach()
+            n_tok, n_seen = n_tok + batch["n_targets"], n_seen + batch["n_tokens"]
         # normalise by the global number of supervised tokens of this optimizer step (all micro-batches,
         # all ranks), so every answer token weighs the same however the batch is split (STYLE §8)
-        g_loss, g_tok, g_seen = dist.all_reduce_sum(
-            torch.tensor([loss_sum, n_tok, n_seen], dtype=torch.float64, device=device)).tolist()
+        counts = torch.tensor([n_tok, n_seen], dtype=torch.float64, device=device)
+        g_loss, g_tok, g_seen = dist.all_reduce_sum(torch.cat([loss_sum.view(1), counts])).tolist()
         gnorm = opt.step(grad_scale=1.0 / max(g_tok, 1.0) / scaler.scale)   # clip, AdamW, write back
         opt.zero_grad()
         overflow = scaler.update(gnorm)      # fp16: an inf/nan norm skipped the step, halve the scale

@@ -47,9 +47,10 @@ if str(REPO) not in sys.path:      # `python bench/train_step.py` from a checkou
 import torch                                    # noqa: E402
 import torch.nn as nn                           # noqa: E402
 
-from phi3v import Phi3V, Phi3VConfig, apply_lora, quantize_nf4   # noqa: E402
+from phi3v import Phi3V, Phi3VConfig   # noqa: E402
+from phi3v.finetune import prepare   # noqa: E402
 from phi3v.config import CLIP_LINEARS, CROP, LM_LINEARS, crop_grid_tokens   # noqa: E402
-from phi3v.loss import chunked_ce               # noqa: E402
+from phi3v.data import to_device, training_inputs   # noqa: E402
 from phi3v.nf4 import bnb_available             # noqa: E402
 from phi3v.optim import ZeroAdamW, no_decay     # noqa: E402
 
@@ -90,14 +91,11 @@ def make_sample(name: str, cfg: Phi3VConfig, seed: int = 0) -> dict:
     labels[:, -n_answer:] = ids[:, -n_answer:]                 # the answer (+ <|end|>) is supervised
     pixel_values = torch.randn(n_img, num_crops + 1, 3, CROP, CROP, generator=g)
     image_sizes = torch.tensor([[hc * CROP, wc * CROP]] * n_img)
-    return {"input_ids": ids, "labels": labels, "doc_ids": torch.zeros_like(ids),
-            "pixel_values": pixel_values, "image_sizes": image_sizes, "n_images": n_img,
-            "real_crops": n_img * (1 + hc * wc), "image_tokens": n_img * per_img, "tokens": ids.shape[1]}
-
-
-def to_device(s: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "image_sizes" else v
-            for k, v in s.items()}
+    # the forward's inputs as train.py's collator prepares them (one sample: plain causal attention)
+    inputs = training_inputs(ids, torch.zeros_like(ids), labels, image_sizes)
+    return {**inputs, "labels": labels, "pixel_values": pixel_values, "image_sizes": image_sizes,
+            "n_targets": int(inputs["targets"].numel()), "n_images": n_img, "real_crops": n_img * (1 + hc * wc),
+            "image_tokens": n_img * per_img, "tokens": ids.shape[1]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,26 +104,17 @@ def build_phi3v(cfg: Phi3VConfig, mode: str, args, device: torch.device, dtype: 
     model = Phi3V.from_config(cfg, seed=args.seed, dtype=dtype, device=device)
     info = {"recompute": args.recompute, "compile": args.compile, "dtype": str(dtype).replace("torch.", ""),
             "vision_frozen": mode != "full"}
-    if mode in ("full", "full_frozen_vision"):
-        model.requires_grad_(True)
-    else:
-        model.requires_grad_(False)
-        if mode == "qlora":
-            backend = args.nf4_backend
-            if backend == "auto":
-                backend = "bnb" if bnb_available() and device.type == "cuda" else "torch"
-            quantize_nf4(model, targets=LM_TARGETS + CLIP_TARGETS, double_quant=True, backend=backend)
-            info.update(nf4_backend=backend, nf4_targets=LM_TARGETS + CLIP_TARGETS, double_quant=True)
-        torch.manual_seed(args.seed)
-        apply_lora(model, rank=LORA_RANK, alpha=LORA_ALPHA, targets=LM_TARGETS, init="gaussian")
+    # PERF.md's configurations: LoRA on the LM linears only, vision frozen except in mode full
+    backend = args.nf4_backend
+    if backend == "auto":
+        backend = "bnb" if bnb_available() and device.type == "cuda" else "torch"
+    prepare(model, "full" if mode.startswith("full") else mode, freeze_vision=mode != "full", lora_rank=LORA_RANK,
+            lora_alpha=LORA_ALPHA, targets=LM_TARGETS, seed=args.seed, nf4_backend=backend)
+    if mode == "qlora":
+        info.update(nf4_backend=backend, nf4_targets=LM_TARGETS + CLIP_TARGETS, double_quant=True)
+    if mode in ("lora", "qlora"):
         info.update(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=LM_TARGETS)
-    if mode != "full":
-        model.freeze_vision()
-    model.gradient_checkpointing = args.recompute == "full"
-    model.vision.clip.gradient_checkpointing = args.recompute == "full"
-    if args.compile:
-        for block in model.layers:
-            block.compile()
+    model.configure_training(recompute=args.recompute, compile=args.compile)
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = ZeroAdamW(named, lr=LR, weight_decay=0.01, no_decay=no_decay, max_grad_norm=1.0)
@@ -133,13 +122,11 @@ def build_phi3v(cfg: Phi3VConfig, mode: str, args, device: torch.device, dtype: 
     info["trainable_params"] = sum(p.numel() for _, p in named)
 
     def step(s: dict) -> torch.Tensor:
-        h = model.hidden_packed(s["input_ids"], s["doc_ids"], pixel_values=s["pixel_values"],
-                                image_sizes=s["image_sizes"])
-        loss, n = chunked_ce(h, model.lm_head, s["labels"])
+        loss = model.training_loss(s)          # train.py's micro-step
         loss.backward()
-        opt.step(grad_scale=1.0 / max(n, 1))
+        opt.step(grad_scale=1.0 / s["n_targets"])
         opt.zero_grad()
-        return loss.detach() / max(n, 1)
+        return loss.detach() / s["n_targets"]
 
     return step, info, (model, opt)
 
@@ -278,9 +265,10 @@ def sync(device: torch.device) -> None:
 
 def peak_gb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30, "torch.cuda.max_memory_allocated"
+        # decimal GB, PERF.md's unit (the HF baseline was measured so)
+        return torch.cuda.max_memory_allocated(device) / 1e9, "torch.cuda.max_memory_allocated / 1e9"
     # CPU: the whole process' peak resident set (model build included); orientation only
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, "ru_maxrss (CPU process, incl. build)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9, "ru_maxrss (CPU process, incl. build)"
 
 
 def free(device: torch.device) -> None:
@@ -328,9 +316,11 @@ def run_group(impl: str, mode: str, args) -> list[dict]:
                  image_tokens=s["image_tokens"], supervised_tokens=int((s["labels"] != -100).sum()),
                  samples_per_s=None, tokens_per_s=None, images_per_s=None, mfu=None, peak_mem_gb=None,
                  mfu_params=n_params, mfu_k=k) for name, s in samples.items()]
-    if impl == "hf" and mode == "qlora":
+    if impl == "hf" and (mode == "qlora" or args.recompute == "selective"):
         reason = None
-        if not bnb_available():
+        if args.recompute == "selective":
+            reason = "the HF stack has no selective recomputation (only none / full gradient checkpointing)"
+        elif not bnb_available():
             reason = "bitsandbytes is not importable (see bench/README.md for the wheel)"
         elif device.type != "cuda":
             reason = "bitsandbytes Linear4bit needs a CUDA device"
@@ -338,10 +328,6 @@ def run_group(impl: str, mode: str, args) -> list[dict]:
             for r in rows:
                 r["skipped"] = reason
             return rows
-    if args.compile and impl == "phi3v":
-        import torch._dynamo as dynamo
-        dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-        dynamo.config.automatic_dynamic_shapes = False   # one static graph per sample shape
     try:
         t0 = time.perf_counter()
         build = build_phi3v if impl == "phi3v" else build_hf
@@ -455,8 +441,9 @@ def parse_args(argv=None):
     p.add_argument("--impl", choices=["phi3v", "hf", "both"], default="both")
     p.add_argument("--modes", type=csv, default=list(MODES), help="comma list of " + ",".join(MODES))
     p.add_argument("--samples", type=csv, default=list(SAMPLES), help="comma list of " + ",".join(SAMPLES))
-    p.add_argument("--recompute", choices=["none", "full"], default="none",
-                   help="activation checkpointing: none, or every decoder block (and CLIP layer when trained)")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none",
+                   help="activation recomputation (phi3v.recompute); hf has none or full (every decoder block, "
+                        "and CLIP layer when trained), so its selective rows are skipped")
     p.add_argument("--compile", action="store_true", help="torch.compile every phi3v decoder block (block.compile())")
     p.add_argument("--steps", type=int, default=10, help="timed steps per (impl, mode, sample)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, Adam state)")

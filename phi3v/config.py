@@ -17,6 +17,7 @@ LM_LINEARS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")          # ever
 CLIP_LINEARS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")   # every CLIP block
 PROJECTOR_LINEARS = ("img_projection.0", "img_projection.2")               # the image projector MLP
 CROP = 336   # CLIP input size: HD images are tiled into CROP x CROP crops
+MAX_INPUT_ID = int(1e9)   # image placeholders are input ids in (-1e9, 0), as the reference's
 
 
 def crop_grid_tokens(h_crops: int, w_crops: int, g: int = 12) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .config import CROP, MAX_INPUT_ID, crop_grid_tokens
 from .processor import IMAGE_TAG, Processor, num_image_tokens, user_content
 from .schema import validate_record
 
@@ -159,23 +160,64 @@ class JsonlDataset(torch.utils.data.Dataset):
                 "image_sizes": torch.cat(sizes) if sizes else None, "index": r.rec["id"]}
 
 
+def training_inputs(input_ids: torch.Tensor, doc_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                    image_sizes: torch.Tensor | None = None, causal: bool | None = None) -> dict:
+    """Everything data-dependent the training forward needs, computed here on the CPU so that
+    `Phi3V.hidden_packed` + `chunked_ce` + backward never read a device value (no host syncs).
+
+    input_ids, doc_ids, labels [B, T]; doc_ids numbers the samples inside each row (padding is a
+    document of its own). Returns input_ids, doc_ids, position_ids (restarting in every document),
+    doc_lens (each token's document length: it picks the LongRoPE factors), `causal` (plain causal
+    attention is exact: one sample per row, maybe followed by padding, which no real token sees;
+    None = infer from doc_ids), `image_index` (flat b*T+t positions of the image placeholders,
+    row-major) and `crops` ((rows, cols) of sub-crops per image), and with labels `target_index`
+    (flat positions whose next token is supervised) and `targets` (those next tokens).
+    """
+    b, t = input_ids.shape
+    first = torch.ones_like(doc_ids, dtype=torch.bool)
+    first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = torch.arange(t).expand(b, t)
+    start = torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), dim=1).values
+    counts = torch.zeros(b, int(doc_ids.max()) + 1, dtype=torch.long).scatter_add_(1, doc_ids, torch.ones_like(doc_ids))
+    out = {"input_ids": input_ids, "doc_ids": doc_ids, "position_ids": idx - start,
+           "doc_lens": counts.gather(1, doc_ids),
+           "causal": bool((doc_ids == doc_ids[:, :1]).all()) if causal is None else causal,
+           "image_index": None, "crops": None}
+    is_img = ((input_ids < 0) & (input_ids > -MAX_INPUT_ID)).flatten()
+    if image_sizes is not None:
+        crops = [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes.tolist()]
+        n_feats = sum(crop_grid_tokens(h, w) for h, w in crops)
+        if n_feats != int(is_img.sum()):
+            raise ValueError(f"input_ids hold {int(is_img.sum())} image placeholders but the images give "
+                             f"{n_feats} features")
+        out["image_index"], out["crops"] = is_img.nonzero()[:, 0], crops
+    elif is_img.any():
+        raise ValueError("input_ids hold image placeholders but image_sizes was not given")
+    if labels is not None:
+        nxt = torch.full_like(labels, -100)
+        nxt[:, :-1] = labels[:, 1:]                         # position p predicts token p+1
+        nxt = nxt.flatten()
+        out["target_index"] = (nxt != -100).nonzero()[:, 0]
+        out["targets"] = nxt[out["target_index"]]
+    return out
+
+
 def collate(samples: list[dict], pad_id: int, pack: bool = False) -> dict:
-    """Samples -> one micro-batch.
+    """Samples -> one micro-batch, with the forward's inputs prepared on the CPU (training_inputs).
 
     Right padding (rows = samples), or with `pack` one row holding every sample back to back
-    (no padding at all). `doc_ids [B, T]` numbers the samples inside each row (padding is a
-    document of its own), which is what `Phi3V.hidden_packed` needs. pixel_values/image_sizes
-    are concatenated in row-major placeholder order.
+    (no padding at all; attention then needs the block-causal mask). pixel_values/image_sizes are
+    concatenated in row-major placeholder order. `n_targets` is the number of supervised tokens,
+    `n_tokens` the number of positions (pads included).
     """
     skipped = [s["skipped"] for s in samples if "skipped" in s]
     samples = [s for s in samples if "skipped" not in s]
     if not samples:
         return {"skipped": skipped, "n_samples": 0}
     if pack:
-        rows = [torch.cat([s["input_ids"] for s in samples])[None]]
-        labels = [torch.cat([s["labels"] for s in samples])[None]]
+        input_ids = torch.cat([s["input_ids"] for s in samples])[None]
+        labels = torch.cat([s["labels"] for s in samples])[None]
         doc = torch.cat([torch.full_like(s["input_ids"], j) for j, s in enumerate(samples)])[None]
-        input_ids, labels = rows[0], labels[0]
     else:
         t = max(len(s["input_ids"]) for s in samples)
         b = len(samples)
@@ -187,9 +229,17 @@ def collate(samples: list[dict], pad_id: int, pack: bool = False) -> dict:
             input_ids[j, :n], labels[j, :n], doc[j, :n] = s["input_ids"], s["labels"], 0
     pv = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
     sz = [s["image_sizes"] for s in samples if s["image_sizes"] is not None]
-    return {"input_ids": input_ids, "labels": labels, "doc_ids": doc,
-            "pixel_values": torch.cat(pv) if pv else None, "image_sizes": torch.cat(sz) if sz else None,
+    sizes = torch.cat(sz) if sz else None
+    out = training_inputs(input_ids, doc, labels, sizes, causal=not pack or len(samples) == 1)
+    return {**out, "labels": labels, "pixel_values": torch.cat(pv) if pv else None, "image_sizes": sizes,
+            "n_targets": int(out["targets"].numel()), "n_tokens": int(input_ids.numel()),
             "n_samples": len(samples), "skipped": skipped, "ids": [s["index"] for s in samples]}
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on `device`; non-blocking, so a pinned batch (the loader pins on CUDA) is
+    copied while the GPU still works on the previous one. Other entries stay as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class StepSampler:

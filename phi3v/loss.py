@@ -11,26 +11,24 @@ def _chunk_ce(lm_head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return F.cross_entropy(lm_head(h).float(), y, reduction="sum")
 
 
-def chunked_ce(hidden: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor,
-               chunk: int = 2048) -> tuple[torch.Tensor, int]:
-    """Sum of shifted CE over labels != -100, and the number of those tokens.
+def chunked_ce(hidden: torch.Tensor, lm_head: nn.Module, target_index: torch.Tensor, targets: torch.Tensor,
+               chunk: int = 2048) -> torch.Tensor:
+    """Summed cross-entropy of the supervised tokens.
 
-    hidden [B, T, D] (after the final norm), labels [B, T]. Only supervised positions are gathered
-    (answers are a small part of a VLM sample), then lm_head + fp32 CE run in chunks under
-    activation checkpointing, so at most one chunk of logits exists at a time, also in backward.
+    hidden [B, T, D] (after the final norm); target_index [N]: flat b*T+t positions whose next token
+    is supervised, targets [N]: those tokens (both from `data.training_inputs`, computed on the CPU,
+    so nothing here reads a device value). Only these rows go through lm_head (answers are a small
+    part of a VLM sample), in chunks under activation checkpointing: at most one chunk of fp32
+    logits [chunk, V] exists at a time, also in backward.
     """
-    targets = labels[:, 1:].to(hidden.device)
-    keep = targets != -100                                   # [B, T-1]
-    h = hidden[:, :-1][keep]                                 # [N, D] supervised positions only
-    y = targets[keep]                                        # [N]
-    n = int(y.numel())
+    n = target_index.shape[0]
     if n == 0:
-        return hidden.sum() * 0.0, 0                         # keeps the graph (and DDP/ZeRO) happy
+        return hidden.sum() * 0.0                            # keeps the graph (and the optimizer) happy
+    h = hidden.flatten(0, 1).index_select(0, target_index)  # [N, D]
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, n, chunk):
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_ce, lm_head, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
+            total = total + checkpoint(_chunk_ce, lm_head, h[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
         else:
-            total = total + _chunk_ce(lm_head, h[s:s + chunk], y[s:s + chunk])
-    return total, n
-
+            total = total + _chunk_ce(lm_head, h[s:s + chunk], targets[s:s + chunk])
+    return total

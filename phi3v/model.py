@@ -17,11 +17,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hf
-from .config import Phi3VConfig
+from .config import CROP, MAX_INPUT_ID, Phi3VConfig
+from .loss import chunked_ce
+from .recompute import check_policy, run_layer
 from .vision import ImageEmbedding, check_image_inputs
 
-MAX_INPUT_ID = int(1e9)   # image placeholders are ids in (-1e9, 0)
 STOP_IDS = (32007, 32000)  # <|end|>, <|endoftext|>
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """y = weight * (x * rstd).to(x.dtype), rstd = 1/sqrt(mean(x^2) + eps) in fp32 (the reference's
+    order). Saves only x (its dtype) and rstd [..., 1] fp32 for backward, instead of the fp32 copy of
+    x and the normalised tensor autograd would keep."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)         # [..., 1]
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (h * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        n = x.float() * rstd                                                # normalised, fp32
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
+        g = (grad * weight).float()                                         # d loss / d n
+        grad_x = rstd * (g - n * (g * n).mean(-1, keepdim=True))            # through n = x * rstd(x)
+        return grad_x.to(x.dtype), grad_w, None
 
 
 class RMSNorm(nn.Module):
@@ -32,9 +57,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # normalise in fp32, cast back to the input dtype *before* the weight multiply (reference order)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def rope_cos_sin(cfg: Phi3VConfig, position_ids: torch.Tensor, long: torch.Tensor | bool, dtype: torch.dtype):
@@ -74,8 +97,27 @@ FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 
 
 def use_flash_attn(q: torch.Tensor) -> bool:
-    """flash-attn (optional, untested here: SDPA is the default fast path) for causal CUDA fp16/bf16."""
+    """flash-attn (optional; SDPA is the default fast path) for causal CUDA fp16/bf16."""
     return FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """q [B, H, T, hd], k/v [B, H, S, hd] -> [B, H, T, hd]. mask: "causal", None, or a bool / additive
+    tensor broadcastable to [B, H, T, S]."""
+    if isinstance(mask, str) and use_flash_attn(q):      # optional fast path when flash-attn is installed
+        from flash_attn import flash_attn_func
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
+    if q.is_meta:
+        # memory planning (phi3v.memory): SDPA on meta tensors falls back to the math path with its
+        # T x S score matrix; run the kernel a GPU runs instead, so the plan holds its memory
+        if isinstance(mask, str) or mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, isinstance(mask, str))[0]
+        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device) if mask.dtype == torch.bool else mask
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias.expand(*q.shape[:2], *mask.shape[2:]),
+                                                                      True)[0]
+    if isinstance(mask, str):   # "causal": no padding, no past keys
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class KVCache:
@@ -108,15 +150,11 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(b, t, 3, self.n_heads, self.head_dim)  # q | k | v along the 3*D dim
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                    # each [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # attention keeps v for backward: a copy of v, so it does not pin the whole qkv output
+        v = v.contiguous()
         if cache is not None:
             k, v = cache.update(layer, k, v)                                # [B, H, S, hd]
-        if isinstance(mask, str) and use_flash_attn(q):      # optional fast path when flash-attn is installed
-            from flash_attn import flash_attn_func
-            y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
-        elif isinstance(mask, str):   # "causal": no padding, no past keys
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, d))             # [B, T, D]
 
 
@@ -151,13 +189,6 @@ class Phi3VOutput:
     loss: torch.Tensor | None = None
 
 
-def doc_lengths(doc_ids: torch.Tensor) -> torch.Tensor:
-    """doc_ids [B, T] (>= 0) -> length of each token's document [B, T]."""
-    counts = torch.zeros(doc_ids.shape[0], int(doc_ids.max()) + 1, dtype=torch.long, device=doc_ids.device)
-    counts.scatter_add_(1, doc_ids, torch.ones_like(doc_ids))
-    return counts.gather(1, doc_ids)
-
-
 class Phi3V(nn.Module):
     """Phi-3.5-vision for causal LM. Module names follow HF's leaf names (hf.py maps the prefixes)."""
 
@@ -169,7 +200,8 @@ class Phi3V(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.gradient_checkpointing = False
+        # how the training forward runs the decoder blocks (configure_training)
+        self.recompute, self.compiled = "none", False
         # checkpoint tensors the forward never uses (last CLIP block, CLIP post-LN), kept for export
         self.hf_extras: dict[str, torch.Tensor] = {}
 
@@ -201,6 +233,13 @@ class Phi3V(nn.Module):
         init_weights(model, seed)
         return model.to(dtype)
 
+    def configure_training(self, recompute: str = "full", compile: bool = False) -> None:
+        """How the training forward runs: the activation recomputation policy of every decoder block and
+        CLIP layer ("none", "selective", "full": phi3v.recompute) and torch.compile of the decoder
+        blocks, CLIP layers and projector (fullgraph, dynamic shapes)."""
+        self.recompute, self.compiled = check_policy(recompute), compile
+        self.vision.recompute, self.vision.compiled = self.recompute, compile
+
     def freeze_vision(self) -> None:
         """Freeze CLIP, separators and projector; the image side then runs without an autograd graph."""
         self.vision.requires_grad_(False)
@@ -231,17 +270,18 @@ class Phi3V(nn.Module):
             raise ValueError(f"input_ids hold {n_pos} image placeholder positions but the {len(counts)} image(s) "
                              f"give {sum(counts)} features ({counts}); each <|image_k|> run must have exactly "
                              "the processor's token count, and images must be in placeholder order")
-        feats = self.vision(pixel_values.to(self.device), image_sizes)      # [n_pos, D]
+        crops = [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes.tolist()]
+        feats = self.vision(pixel_values.to(self.device), crops)             # [n_pos, D]
         # k-th placeholder in row-major order gets the k-th feature row (the ids' values are ignored)
         return x.index_put(torch.nonzero(is_img, as_tuple=True), feats.to(x.dtype))
 
     def decoder(self, x: torch.Tensor, position_ids: torch.Tensor, long, mask, cache: KVCache | None = None):
         cos, sin = rope_cos_sin(self.config, position_ids, long, x.dtype)
         for i, block in enumerate(self.layers):
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-            else:
+            if cache is not None:
                 x = block(x, cos, sin, mask, cache, i)
+            else:   # recomputation / compilation as configured (plain eager without grad by default)
+                x = run_layer(block, self.recompute, self.compiled, x, cos, sin, mask)
         return self.norm(x)
 
     def hidden(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
@@ -275,29 +315,33 @@ class Phi3V(nn.Module):
             cache.length = s
         return h
 
-    def hidden_packed(self, input_ids, doc_ids, position_ids=None, pixel_values=None, image_sizes=None):
-        """Training forward on padded or packed rows -> hidden states [B, T, D].
+    def hidden_packed(self, batch: dict) -> torch.Tensor:
+        """Training forward on padded or packed rows -> hidden states [B, T, D], without host syncs.
 
-        doc_ids [B, T] numbers the samples inside each row (padding is its own document). Tokens attend
-        causally within their own document only; positions restart at 0 in every document, and each
-        document picks short/long LongRoPE factors from its own length, so a sample gives the same
-        result packed, padded or alone.
+        `batch` holds the tensors `data.training_inputs` prepared on the CPU (on this model's device)
+        plus pixel_values: tokens attend causally within their own document only, positions restart at
+        0 in every document, and each document picks short/long LongRoPE factors from its own length,
+        so a sample gives the same result packed, padded or alone.
         """
-        doc_ids = doc_ids.to(input_ids.device).long()
-        if position_ids is None:
-            first = torch.ones_like(doc_ids, dtype=torch.bool)
-            first[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            idx = torch.arange(doc_ids.shape[1], device=doc_ids.device).expand_as(doc_ids)
-            start = torch.cummax(torch.where(first, idx, torch.zeros_like(idx)), dim=1).values
-            position_ids = idx - start
-        long = doc_lengths(doc_ids) > self.config.original_max_position_embeddings
-        x = self.embed(input_ids, pixel_values, image_sizes)
-        if bool((doc_ids == doc_ids[:, :1]).all()):
-            mask = "causal"          # one document per row: plain causal attention (flash kernels)
+        ids = batch["input_ids"]
+        x = self.embed_tokens(ids.clamp(0, self.config.vocab_size - 1))            # [B, T, D]
+        if batch.get("image_index") is not None:
+            feats = self.vision(batch["pixel_values"], batch["crops"])              # [n_img_tokens, D]
+            # image features replace the placeholder rows, in row-major placeholder order
+            x = x.flatten(0, 1).index_copy(0, batch["image_index"], feats.to(x.dtype)).view_as(x)
+        long = batch["doc_lens"] > self.config.original_max_position_embeddings    # [B, T]
+        if batch["causal"]:
+            mask = "causal"          # one sample per row (+ padding nobody attends to): flash kernels
         else:
-            same = doc_ids[:, :, None] == doc_ids[:, None, :]
+            doc = batch["doc_ids"]
+            same = doc[:, :, None] == doc[:, None, :]
             mask = (same & torch.ones_like(same[0]).tril())[:, None]        # [B, 1, T, T] block-causal
-        return self.decoder(x, position_ids, long, mask)
+        return self.decoder(x, batch["position_ids"], long, mask)
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        """Summed cross-entropy of the supervised tokens of a collated micro-batch (`data.collate`,
+        moved to this model's device): the training step's forward, without host syncs."""
+        return chunked_ce(self.hidden_packed(batch), self.lm_head, batch["target_index"], batch["targets"])
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, labels=None,
                 position_ids=None) -> Phi3VOutput:

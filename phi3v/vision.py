@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CROP, Phi3VConfig, VisionConfig, crop_grid_tokens
+from .recompute import run_layer
 
 
 # https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py
@@ -87,16 +88,12 @@ class CLIPVision(nn.Module):
         self.embeddings = CLIPEmbeddings(cfg)
         self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # [sic], HF's name
         self.encoder = CLIPEncoder(cfg, n_layers)
-        self.gradient_checkpointing = False
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """[N, 3, 336, 336] -> patch features [N, P, C] (CLS dropped)."""
+    def forward(self, pixels: torch.Tensor, recompute: str = "none", compiled: bool = False) -> torch.Tensor:
+        """[N, 3, 336, 336] -> patch features [N, P, C] (CLS dropped); layers run as `run_layer` says."""
         x = self.pre_layrnorm(self.embeddings(pixels))
         for layer in self.encoder.layers:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
+            x = run_layer(layer, recompute, compiled, x)
         return x[:, 1:]
 
 
@@ -114,6 +111,7 @@ class ImageEmbedding(nn.Module):
                                             nn.Linear(cfg.hidden_size, cfg.hidden_size))
         self.grid = cfg.vision.grid
         self.frozen = False   # set by freeze_vision: run without building an autograd graph
+        self.recompute, self.compiled = "none", False    # set by Phi3V.configure_training
 
     def merge_2x2(self, feats: torch.Tensor) -> torch.Tensor:
         """[N, G*G, C] -> [N, g, g, 4C]; cell (r,c) = patches (2r,2c),(2r,2c+1),(2r+1,2c),(2r+1,2c+1)."""
@@ -129,12 +127,12 @@ class ImageEmbedding(nn.Module):
         nl = self.sub_GN.reshape(1, 1, -1).to(grid.dtype).expand(r, 1, -1)
         return torch.cat([grid, nl], dim=1).reshape(-1, grid.shape[-1])
 
-    def hd_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """pixel_values [n, K, 3, 336, 336], image_sizes [n, 2] -> [sum tokens, 4C] before projection."""
-        crops = [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes.tolist()]
+    def hd_features(self, pixel_values: torch.Tensor, crops: list[tuple[int, int]]) -> torch.Tensor:
+        """pixel_values [n, K, 3, 336, 336], crops [(rows, cols)] of sub-crops per image (python ints:
+        no device reads) -> [sum tokens, 4C] before projection."""
         # only the real crops (global + h*w sub-crops) of each image go through CLIP
         real = torch.cat([pixel_values[i, : 1 + hc * wc] for i, (hc, wc) in enumerate(crops)])
-        merged = self.merge_2x2(self.clip(real))                   # [sum crops, g, g, 4C]
+        merged = self.merge_2x2(self.clip(real, self.recompute, self.compiled))   # [sum crops, g, g, 4C]
         g = merged.shape[1]
         out, start = [], 0
         for hc, wc in crops:
@@ -145,12 +143,12 @@ class ImageEmbedding(nn.Module):
             out += [self.add_newline(sub), self.glb_GN.reshape(1, -1).to(sub.dtype), self.add_newline(glb)]
         return torch.cat(out)
 
-    def forward(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor, crops: list[tuple[int, int]]) -> torch.Tensor:
         """-> projected image features [sum tokens, D], in image order."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            feats = self.hd_features(pixel_values, image_sizes)
+            feats = self.hd_features(pixel_values, crops)
             # the model dtype (the projector may be an NF4/LoRA module whose .weight is not a tensor)
-            return self.img_projection(feats.to(self.glb_GN.dtype))
+            return run_layer(self.img_projection, "none", self.compiled, feats.to(self.glb_GN.dtype))
 
 
 def check_image_inputs(cfg: Phi3VConfig, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from phi3v import Phi3V, Processor
-from phi3v.data import ANSWER_SUFFIX, JsonlDataset, StepSampler, collate
+from phi3v.data import ANSWER_SUFFIX, JsonlDataset, StepSampler, collate, training_inputs
 from phi3v.loss import chunked_ce
 
 
@@ -131,17 +131,14 @@ def test_packed_loss_equals_unpacked(demo_dir, proc, model):
         single = []
         for s in samples:
             b = collate([s], proc.pad_token_id)
-            h = model.hidden_packed(b["input_ids"], b["doc_ids"], pixel_values=b["pixel_values"],
-                                    image_sizes=b["image_sizes"])
+            h = model.hidden_packed(b)
             single.append(per_sample_ce(h, model.lm_head, b["labels"], b["doc_ids"])[(0, 0)])
         b = collate(samples, proc.pad_token_id, pack=True)
-        h = model.hidden_packed(b["input_ids"], b["doc_ids"], pixel_values=b["pixel_values"],
-                                image_sizes=b["image_sizes"])
-        packed = per_sample_ce(h, model.lm_head, b["labels"], b["doc_ids"])
+        assert not b["causal"]                      # three samples in one row: the block mask
+        packed = per_sample_ce(model.hidden_packed(b), model.lm_head, b["labels"], b["doc_ids"])
         b2 = collate(samples, proc.pad_token_id)
-        h2 = model.hidden_packed(b2["input_ids"], b2["doc_ids"], pixel_values=b2["pixel_values"],
-                                 image_sizes=b2["image_sizes"])
-        padded = per_sample_ce(h2, model.lm_head, b2["labels"], b2["doc_ids"])
+        assert b2["causal"]                         # right padding: plain causal attention
+        padded = per_sample_ce(model.hidden_packed(b2), model.lm_head, b2["labels"], b2["doc_ids"])
     for j in range(3):
         assert abs(packed[(0, j)] - single[j]) < 1e-5
         assert abs(padded[(j, 0)] - single[j]) < 1e-5
@@ -153,10 +150,11 @@ def test_chunked_ce_matches_full_and_grads():
     h = torch.randn(2, 9, 16, requires_grad=True)
     labels = torch.randint(0, 50, (2, 9))
     labels[0, :4] = -100
-    loss, n = chunked_ce(h, head, labels, chunk=3)
+    inputs = training_inputs(labels.clamp(min=0), torch.zeros_like(labels), labels)
+    loss = chunked_ce(h, head, inputs["target_index"], inputs["targets"], chunk=3)
     ref = F.cross_entropy(head(h)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), ignore_index=-100,
                           reduction="sum")
-    assert n == int((labels[:, 1:] != -100).sum())
+    assert inputs["targets"].numel() == int((labels[:, 1:] != -100).sum())
     torch.testing.assert_close(loss, ref)
     g1 = torch.autograd.grad(loss, [h, head.weight])
     g2 = torch.autograd.grad(ref, [h, head.weight])
@@ -177,11 +175,9 @@ def test_loss_normalisation_independent_of_micro_batching(demo_dir, proc, model)
         for part in split:
             b = collate(part, proc.pad_token_id)
             with torch.no_grad():
-                h = model.hidden_packed(b["input_ids"], b["doc_ids"], pixel_values=b["pixel_values"],
-                                        image_sizes=b["image_sizes"])
-            loss, n = chunked_ce(h, model.lm_head, b["labels"])
-            loss.backward()
-            total += n
+                h = model.hidden_packed(b)
+            chunked_ce(h, model.lm_head, b["target_index"], b["targets"]).backward()
+            total += b["n_targets"]
         g = w.grad / total
         model.lm_head.requires_grad_(False)
         return g

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from phi3v import Phi3V, Phi3VConfig, apply_lora, quantize_nf4
 from phi3v.lora import LoRALinear
-from phi3v.loss import chunked_ce
+from phi3v.data import to_device, training_inputs
 from phi3v.nf4 import NF4Linear, bnb_available
 from phi3v.optim import ZeroAdamW
 
@@ -164,9 +164,8 @@ def test_zero_adamw_one_gpu_bf16_params():
 # ------------------------------------------------------------------------------------------------
 # QLoRA step-0 loss vs bf16 LoRA
 def lora_loss(model, ids, labels):
-    h = model.hidden_packed(ids, torch.zeros_like(ids))
-    loss, n = chunked_ce(h, model.lm_head, labels)
-    return loss / n
+    batch = to_device(training_inputs(ids.cpu(), torch.zeros_like(ids.cpu()), labels.cpu()), ids.device)
+    return model.training_loss(batch) / batch["targets"].numel()
 
 
 def dequantised_copy(model):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from phi3v import Phi3V, Phi3VConfig
+from phi3v.data import training_inputs
 from phi3v.hf import to_hf
 from phi3v.model import KVCache
 
@@ -68,9 +69,10 @@ def test_intermediates_one_image(model, cases, golden_dir):
     with torch.no_grad():
         clip = model.vision.clip(pv.flatten(0, 1))             # all crops, padding ones included
         torch.testing.assert_close(clip, z["clip_patch_features"], atol=1e-5, rtol=1e-5)
-        hd = model.vision.hd_features(pv, sizes)
+        crops = [(h // 336, w // 336) for h, w in sizes.tolist()]
+        hd = model.vision.hd_features(pv, crops)
         torch.testing.assert_close(hd, z["hd_features_before_projection"], atol=1e-5, rtol=1e-5)
-        proj = model.vision(pv, sizes)
+        proj = model.vision(pv, crops)
         torch.testing.assert_close(proj, z["image_features_proj"], atol=1e-5, rtol=1e-5)
         inputs = []
         hooks = [b.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone())) for b in model.layers]
@@ -133,7 +135,8 @@ def test_packed_equals_separate(model, cases, golden_dir):
     ids = torch.cat([a["input_ids"], b["input_ids"]], 1)
     doc = torch.cat([torch.zeros(1, 788), torch.ones(1, 48)], 1).long()
     with torch.no_grad():
-        h = model.hidden_packed(ids, doc, pixel_values=a["pixel_values"], image_sizes=a["image_sizes"])
+        h = model.hidden_packed({**training_inputs(ids, doc, image_sizes=a["image_sizes"]),
+                                 "pixel_values": a["pixel_values"]})
         ha = model(a["input_ids"], pixel_values=a["pixel_values"], image_sizes=a["image_sizes"]).hidden_states
         hb = model(b["input_ids"]).hidden_states
     assert (h[:, :788] - ha).abs().max() < 1e-4
@@ -144,8 +147,13 @@ def test_packed_equals_separate(model, cases, golden_dir):
     doc2 = torch.zeros(2, 788, dtype=torch.long)
     doc2[1, 48:] = 1
     with torch.no_grad():
-        h2 = model.hidden_packed(ids2, doc2, pixel_values=a["pixel_values"], image_sizes=a["image_sizes"])
+        inputs = training_inputs(ids2, doc2, image_sizes=a["image_sizes"])
+        assert not inputs["causal"]                  # two documents in row 1: the block mask
+        h2 = model.hidden_packed({**inputs, "pixel_values": a["pixel_values"]})
+        # what the collator uses for right padding: plain causal attention, exact for the real tokens
+        h3 = model.hidden_packed({**inputs, "causal": True, "pixel_values": a["pixel_values"]})
     assert (h2[0] - ha[0]).abs().max() < 1e-4 and (h2[1, :48] - hb[0]).abs().max() < 1e-4
+    assert (h3[0] - h2[0]).abs().max() < 1e-5 and (h3[1, :48] - h2[1, :48]).abs().max() < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
