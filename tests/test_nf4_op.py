@@ -262,3 +262,10 @@ def test_triton_kernel_bitwise_equals_torch_path_in_interpreter():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cases: 39" in proc.stdout, proc.stdout
 
+
+def test_bench_nf4_tiny_runs_and_agrees_with_the_old_implementation():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "nf4.py"), "--tiny", "--device", "cpu"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]   # it asserts bitwise equality
+    for shape in ("1152x384", "2048x384", "384x1024"):         # Phi's shapes / 8: op and old rows
+        assert proc.stdout.count(shape) == 2, proc.stdout
