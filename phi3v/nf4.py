@@ -13,6 +13,11 @@ differ from bitsandbytes' by one 8-bit step.
 frozen `nn.Linear`s before `apply_lora`, and LoRA wraps an `NF4Linear` exactly like an
 `nn.Linear`. Its forward dequantises inside a custom autograd Function that saves only the packed
 state, so no full-size weight is kept for backward.
+
+Dequantisation is one custom op, `torch.ops.phi3v.dequantize_nf4`: opaque to `torch.compile` and
+shape-only on the meta device. On CUDA it runs a Triton kernel when triton is installed
+(nf4_triton.py), elsewhere a chunked torch path; both compute code[nibble] * absmax[block] in
+float32 and round once to the output dtype, so they agree bit for bit.
 """
 from __future__ import annotations
 
@@ -23,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config import LM_LINEARS
 
 # The 16 NF4 levels (quantiles of N(0, 1) rescaled to [-1, 1], with an exact 0), as float32 values
 # identical to bitsandbytes' table.
@@ -86,11 +93,6 @@ class NF4Weight:
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
 
-    def nbytes(self) -> int:
-        ts = [self.packed, self.absmax, self.code] + ([self.nested_absmax, self.nested_code, self.offset]
-                                                      if self.double_quant else [])
-        return sum(t.numel() * t.element_size() for t in ts)
-
 
 def quantize_nf4_tensor(w: torch.Tensor, block_size: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantise `w` (any float dtype, any shape) to NF4 with blockwise absmax, optionally double-quantised."""
@@ -114,28 +116,100 @@ def quantize_nf4_tensor(w: torch.Tensor, block_size: int = 64, double_quant: boo
     return q
 
 
-def _absmax(absmax, nested_absmax, nested_code, offset) -> torch.Tensor:
-    """Float32 absmax per block, undoing the double quantisation if there is one."""
+def block_absmax(absmax, nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
+    """Float32 absmax per block [n_blocks], undoing the double quantisation if there is one.
+
+    nested_code[absmax] * nested_absmax[block // 256] + offset, as two separate float32 ops: done
+    here in torch for every backend (1/64 of the elements), so no kernel can contract the multiply
+    and add into one FMA and round differently.
+    """
     if nested_absmax is None:
         return absmax
-    i = torch.arange(absmax.numel(), device=absmax.device) // NESTED_BLOCK
-    return nested_code[absmax.long()] * nested_absmax[i] + offset
+    nested = nested_absmax.repeat_interleave(NESTED_BLOCK)[: absmax.numel()]   # [n_blocks]
+    return nested_code.index_select(0, absmax.int()).mul_(nested).add_(offset)
 
 
-def _dequantize(packed, absmax, code, nested_absmax, nested_code, offset, shape, block_size, dtype):
+CHUNK = 1 << 20   # elements per step of the torch path: bounds its temporaries to 6 MiB
+
+
+def _dequantize_chunk(packed, scale, pairs, e0: int, e1: int, block_size: int) -> torch.Tensor:
+    """Float32 weight elements [e0, e1) (e0 a multiple of block_size): code[nibble] * scale[block]."""
+    # one int32 index per byte (2 bytes per element), both levels per lookup: float32 [e1 - e0 (+1 pad)]
+    vals = pairs.index_select(0, packed[e0 // 2: (e1 + 1) // 2].int()).view(-1)
+    b0, full = e0 // block_size, (e1 - e0) // block_size
+    vals[: full * block_size].view(full, block_size).mul_(scale[b0: b0 + full, None])
+    if full * block_size < vals.numel():             # the weight's last, partial block (odd numel: + pad)
+        vals[full * block_size:].mul_(scale[b0 + full])
+    return vals[: e1 - e0]
+
+
+def _dequantize_torch(packed, scale, code, shape, block_size, dtype) -> torch.Tensor:
+    """code[nibble] * scale[block] in float32, rounded once to dtype, written one chunk at a time.
+
+    Temporaries per chunk element: an int32 index per byte (2 bytes) and the float32 product (4),
+    so at most 6 x CHUNK bytes whatever the weight size (plus the float32 scale, 4 per block).
+    """
     numel = math.prod(shape)
-    idx = torch.stack([packed >> 4, packed & 15], dim=1).view(-1).long()   # element order restored
-    vals = code[idx]                                                       # float32 levels
-    pad = (-vals.numel()) % block_size
-    vals = F.pad(vals, (0, pad)).view(-1, block_size)                     # [nb, block]
-    scale = _absmax(absmax, nested_absmax, nested_code, offset)
-    return (vals * scale[:, None]).view(-1)[:numel].view(shape).to(dtype)
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    # byte -> its two levels, high nibble first: one lookup per byte, no shifts, no int64 indices
+    pairs = torch.stack([code.repeat_interleave(16), code.repeat(16)], dim=1)    # [256, 2] float32
+    step = max(block_size, CHUNK - CHUNK % block_size)                          # whole blocks per chunk
+    for e0 in range(0, numel, step):                 # block_size is even: e0 starts on a byte boundary
+        e1 = min(e0 + step, numel)
+        out[e0:e1] = _dequantize_chunk(packed, scale, pairs, e0, e1, block_size)   # the one rounding
+    return out.view(shape)
+
+
+TRITON = importlib.util.find_spec("triton") is not None   # optional (the `gpu` extra)
+
+
+def _check(packed, absmax, code, nested_absmax, shape, block_size, dtype) -> None:
+    """Shapes and dtypes only (also runs on fake / meta tensors)."""
+    numel, n_blocks = math.prod(shape), -(-math.prod(shape) // block_size)
+    if packed.dtype != torch.uint8 or packed.shape != ((numel + 1) // 2,):
+        raise ValueError(f"dequantize_nf4: packed must be uint8 [{(numel + 1) // 2}] for shape {list(shape)}, "
+                         f"got {packed.dtype} {list(packed.shape)}")
+    want = torch.uint8 if nested_absmax is not None else torch.float32
+    if absmax.dtype != want or absmax.shape != (n_blocks,):
+        raise ValueError(f"dequantize_nf4: absmax must be {want} [{n_blocks}], got {absmax.dtype} {list(absmax.shape)}")
+    if code.dtype != torch.float32 or code.shape != (16,):
+        raise ValueError(f"dequantize_nf4: code must be float32 [16], got {code.dtype} {list(code.shape)}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dequantize_nf4: output dtype must be float32, bfloat16 or float16, got {dtype}")
+
+
+@torch.library.custom_op(
+    "phi3v::dequantize_nf4", mutates_args=(),
+    schema="(Tensor packed, Tensor absmax, Tensor code, Tensor? nested_absmax, Tensor? nested_code, "
+           "Tensor? offset, int[] shape, int block_size, ScalarType dtype, bool backward=False) -> Tensor")
+def _dequantize_nf4_op(packed, absmax, code, nested_absmax, nested_code, offset, shape, block_size, dtype,
+                       backward=False):
+    """Packed NF4 (uint8 [ceil(numel / 2)]) -> weight of `shape` in `dtype`; float state is float32.
+
+    `backward` changes nothing in the result. The NF4 linear sets it when it recomputes the weight
+    for the input gradient: two calls with identical arguments would be merged by AOTAutograd's
+    CSE of the joint forward+backward graph, and `torch.compile` would then save the one weight
+    for backward (2 bytes per element) instead of recomputing it from the packed state.
+    """
+    _check(packed, absmax, code, nested_absmax, shape, block_size, dtype)
+    scale = block_absmax(absmax, nested_absmax, nested_code, offset)
+    if packed.is_cuda and TRITON:
+        from . import nf4_triton
+        return nf4_triton.dequantize(packed, scale, code, shape, block_size, dtype)
+    return _dequantize_torch(packed, scale, code, shape, block_size, dtype)
+
+
+@_dequantize_nf4_op.register_fake
+def _(packed, absmax, code, nested_absmax, nested_code, offset, shape, block_size, dtype, backward=False):
+    # also the meta-device kernel: shapes only, no temporaries
+    _check(packed, absmax, code, nested_absmax, shape, block_size, dtype)
+    return packed.new_empty(shape, dtype=dtype)
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """code[nibble] * absmax[block] in float32, then cast to `dtype` (bitsandbytes' formula)."""
-    return _dequantize(q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset,
-                       q.shape, q.block_size, dtype)
+    return torch.ops.phi3v.dequantize_nf4(q.packed, q.absmax, q.code, q.nested_absmax, q.nested_code, q.offset,
+                                          list(q.shape), q.block_size, dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,10 +232,10 @@ class _NF4Matmul(torch.autograd.Function):
     """y = x @ dequant(W).T + b that saves only the packed state; W is rebuilt for the input grad."""
 
     @staticmethod
-    def forward(ctx, x, bias, layer: "NF4Linear", *state):
-        ctx.layer = layer
+    def forward(ctx, x, bias, shape: list[int], block_size: int, *state):
+        ctx.shape, ctx.block_size = shape, block_size
         ctx.save_for_backward(*state)
-        w = layer._dequantize_from(state, x.dtype)
+        w = torch.ops.phi3v.dequantize_nf4(*state, shape, block_size, x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
     @staticmethod
@@ -169,10 +243,12 @@ class _NF4Matmul(torch.autograd.Function):
         # read saved_tensors once: non-reentrant activation checkpointing allows a single unpack
         state = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return (None,) * (3 + len(state))
-        w = ctx.layer._dequantize_from(state, grad_out.dtype)
+            return (None,) * (4 + len(state))
+        # backward=True: not merged with the forward's call under torch.compile, so W is recomputed
+        # here from the packed state instead of being saved (see the op's docstring)
+        w = torch.ops.phi3v.dequantize_nf4(*state, ctx.shape, ctx.block_size, grad_out.dtype, backward=True)
         # base weight and bias are frozen: a gradient for the input only
-        return (grad_out.matmul(w), None, None) + (None,) * len(state)
+        return (grad_out.matmul(w), None, None, None) + (None,) * len(state)
 
 
 class NF4Linear(nn.Module):
@@ -212,26 +288,19 @@ class NF4Linear(nn.Module):
         return self.quant_nested_absmax is not None
 
     def _state(self) -> tuple[torch.Tensor, ...]:
+        """The stored buffers (float state as int32 bits)."""
         ts = (self.quant_packed, self.quant_absmax, self.quant_code)
         return ts + ((self.quant_nested_absmax, self.quant_nested_code, self.quant_offset) if self.double_quant else ())
 
-    def _dequantize_from(self, state, dtype) -> torch.Tensor:
-        packed, absmax, code = state[:3]
-        nested = (_float(state[3]), _float(state[4]), _float(state[5])) if len(state) > 3 else (None, None, None)
-        if not self.double_quant:
-            absmax = _float(absmax)
-        return _dequantize(packed, absmax, _float(code), *nested, (self.out_features, self.in_features),
-                           self.block_size, dtype)
-
-    def nf4_weight(self) -> NF4Weight:
-        """The stored quantisation state as an NF4Weight (float32 views of the stored bits)."""
-        dq = self.double_quant
-        return NF4Weight(self.quant_packed, self.quant_absmax if dq else _float(self.quant_absmax),
-                         (self.out_features, self.in_features), self.block_size, _float(self.quant_code),
-                         _float(self.quant_nested_absmax), _float(self.quant_nested_code), _float(self.quant_offset))
+    def _op_state(self) -> tuple[torch.Tensor | None, ...]:
+        """packed, absmax, code, nested_absmax, nested_code, offset: the op's arguments (float32 views)."""
+        absmax = self.quant_absmax if self.double_quant else _float(self.quant_absmax)
+        return (self.quant_packed, absmax, _float(self.quant_code), _float(self.quant_nested_absmax),
+                _float(self.quant_nested_code), _float(self.quant_offset))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self._dequantize_from(self._state(), dtype or self.compute_dtype)
+        return torch.ops.phi3v.dequantize_nf4(*self._op_state(), [self.out_features, self.in_features],
+                                              self.block_size, dtype or self.compute_dtype)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A plain frozen nn.Linear holding the dequantised weight (for merge / export)."""
@@ -246,7 +315,8 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "bnb" and x.is_cuda:
             return self._forward_bnb(x)
-        return _NF4Matmul.apply(x, self.bias, self, *self._state())
+        return _NF4Matmul.apply(x, self.bias, [self.out_features, self.in_features], self.block_size,
+                                *self._op_state())
 
     def _forward_bnb(self, x: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' fused 4-bit matmul on the same packed layout (optional, CUDA only)."""
@@ -271,9 +341,6 @@ class NF4Linear(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-DECODER_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-
-
 def quantize_nf4(model: nn.Module, targets=None, double_quant: bool = True, block_size: int = 64,
                  backend: str = "torch") -> nn.Module:
     """Swap frozen nn.Linears for NF4Linear in place (QLoRA base); returns the model.
@@ -283,9 +350,8 @@ def quantize_nf4(model: nn.Module, targets=None, double_quant: bool = True, bloc
     that set. Call before `apply_lora`: LoRA then wraps the NF4Linear. backend="bnb" runs CUDA
     inputs through bitsandbytes' kernels (optional, same numerics within rounding).
     """
-    from .lora import LoRALinear  # a LoRA base cannot be quantised after the fact
     default = targets is None
-    targets = list(DECODER_TARGETS if default else ([targets] if isinstance(targets, str) else targets))
+    targets = list(LM_LINEARS if default else ([targets] if isinstance(targets, str) else targets))
     if not targets:
         raise ValueError("quantize_nf4: empty targets")
     swaps, seen = [], set()
@@ -298,10 +364,9 @@ def quantize_nf4(model: nn.Module, targets=None, double_quant: bool = True, bloc
         seen.update(hit)
         if isinstance(mod, NF4Linear):
             continue
-        if isinstance(mod, LoRALinear):
-            raise ValueError(f"quantize_nf4: {name!r} already has LoRA; quantise before apply_lora")
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"quantize_nf4: target {hit[0]!r} matches {name!r}, a {type(mod).__name__}, not nn.Linear")
+        if not isinstance(mod, nn.Linear):   # e.g. a LoRALinear: NF4 must be the base LoRA wraps
+            raise ValueError(f"quantize_nf4: target {hit[0]!r} matches {name!r}, a {type(mod).__name__}, "
+                             "not nn.Linear (quantise before apply_lora)")
         swaps.append((name, mod))
     missing = [t for t in targets if t not in seen]
     if missing:
