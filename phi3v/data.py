@@ -169,7 +169,7 @@ def training_inputs(input_ids: torch.Tensor, doc_ids: torch.Tensor, labels: torc
     document of its own). Returns input_ids, doc_ids, position_ids (restarting in every document),
     doc_lens (each token's document length: it picks the LongRoPE factors), `causal` (plain causal
     attention is exact: one sample per row, maybe followed by padding, which no real token sees;
-    None = infer from doc_ids), `image_index` (flat b*T+t positions of the image placeholders,
+    None = infer from doc_ids), `image_index` ([2, n]: row and column of every image placeholder,
     row-major) and `crops` ((rows, cols) of sub-crops per image), and with labels `target_index`
     (flat positions whose next token is supervised) and `targets` (those next tokens).
     """
@@ -183,14 +183,14 @@ def training_inputs(input_ids: torch.Tensor, doc_ids: torch.Tensor, labels: torc
            "doc_lens": counts.gather(1, doc_ids),
            "causal": bool((doc_ids == doc_ids[:, :1]).all()) if causal is None else causal,
            "image_index": None, "crops": None}
-    is_img = ((input_ids < 0) & (input_ids > -MAX_INPUT_ID)).flatten()
+    is_img = (input_ids < 0) & (input_ids > -MAX_INPUT_ID)
     if image_sizes is not None:
         crops = [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes.tolist()]
         n_feats = sum(crop_grid_tokens(h, w) for h, w in crops)
         if n_feats != int(is_img.sum()):
             raise ValueError(f"input_ids hold {int(is_img.sum())} image placeholders but the images give "
                              f"{n_feats} features")
-        out["image_index"], out["crops"] = is_img.nonzero()[:, 0], crops
+        out["image_index"], out["crops"] = is_img.nonzero().T.contiguous(), crops     # [2, n]: rows, cols
     elif is_img.any():
         raise ValueError("input_ids hold image placeholders but image_sizes was not given")
     if labels is not None:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import hf
 from .config import CROP, MAX_INPUT_ID, Phi3VConfig
 from .loss import chunked_ce
-from .recompute import check_policy, run_layer
+from .recompute import check_policy, run_block
 from .vision import ImageEmbedding, check_image_inputs
 
 STOP_IDS = (32007, 32000)  # <|end|>, <|endoftext|>
@@ -281,7 +281,7 @@ class Phi3V(nn.Module):
             if cache is not None:
                 x = block(x, cos, sin, mask, cache, i)
             else:   # recomputation / compilation as configured (plain eager without grad by default)
-                x = run_layer(block, self.recompute, self.compiled, x, cos, sin, mask)
+                x = run_block(block, self.recompute, self.compiled, x, cos, sin, mask)
         return self.norm(x)
 
     def hidden(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
@@ -327,8 +327,9 @@ class Phi3V(nn.Module):
         x = self.embed_tokens(ids.clamp(0, self.config.vocab_size - 1))            # [B, T, D]
         if batch.get("image_index") is not None:
             feats = self.vision(batch["pixel_values"], batch["crops"])              # [n_img_tokens, D]
-            # image features replace the placeholder rows, in row-major placeholder order
-            x = x.flatten(0, 1).index_copy(0, batch["image_index"], feats.to(x.dtype)).view_as(x)
+            # image features replace the placeholders, in row-major placeholder order
+            rows, cols = batch["image_index"]
+            x = x.index_put((rows, cols), feats.to(x.dtype))
         long = batch["doc_lens"] > self.config.original_max_position_embeddings    # [B, T]
         if batch["causal"]:
             mask = "causal"          # one sample per row (+ padding nobody attends to): flash kernels

@@ -8,18 +8,20 @@ Recomputation policies (`--recompute`):
              activation checkpointing.
   full       keep only each layer's input and recompute the whole layer in backward: least memory.
 
-Compilation: one `torch.compile(fullgraph=True, dynamic=True)` of `_run`, shared by every layer.
-nn.Module arguments are inlined with their parameters as graph inputs, so the 32 decoder blocks
-reuse one graph; `dynamic=True` makes the token (and crop) counts symbolic, so sequences of new
-lengths do not recompile. Expect one graph per (layer type, grad mode, attention mask kind) and
-one more the first time a batch size of 1 becomes larger (0/1 sizes are specialised).
+Compilation: `torch.compile(fullgraph=True, dynamic=True)` of one small runner per layer kind
+(decoder block, CLIP layer, projector). nn.Module arguments are inlined with their parameters as
+graph inputs, so the 32 decoder blocks share one graph; `dynamic=True` makes the token (and crop)
+counts symbolic, so sequences of new lengths do not recompile. Expect one graph per layer kind and
+attention mask kind ("causal" or a packed block mask), one more for the first CLIP layer when its
+input needs no grad (LoRA on CLIP), and one more the first time a micro-batch of 1 sample grows
+(sizes 0 and 1 are specialised).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 POLICIES = ("none", "selective", "full")
 
@@ -41,18 +43,42 @@ def _selective_context():
 def _run(layer: torch.nn.Module, recompute: str, *args):
     if recompute == "none" or not torch.is_grad_enabled():
         return layer(*args)
-    context = _selective_context if recompute == "selective" else noop_context_fn
-    return checkpoint(layer, *args, use_reentrant=False, context_fn=context)
+    if recompute == "selective":
+        return checkpoint(layer, *args, use_reentrant=False, context_fn=_selective_context)
+    return checkpoint(layer, *args, use_reentrant=False)
+
+
+# One entry point per layer kind: torch.compile caches graphs per code object (at most 8 each), so
+# the decoder blocks, the CLIP layers and the projector each get their own.
+def _run_block(block, recompute, x, cos, sin, mask):
+    return _run(block, recompute, x, cos, sin, mask)
+
+
+def _run_clip_layer(layer, recompute, x):
+    return _run(layer, recompute, x)
+
+
+def _run_projector(projector, recompute, x):
+    return _run(projector, recompute, x)
 
 
 @functools.cache
-def _compiled_run():
-    return torch.compile(_run, fullgraph=True, dynamic=True)
+def _compiled(fn):
+    return torch.compile(fn, fullgraph=True, dynamic=True)
 
 
-def run_layer(layer: torch.nn.Module, recompute: str, compiled: bool, *args):
-    """layer(*args) under the recomputation policy (ignored without grad), compiled or eager."""
-    return (_compiled_run() if compiled else _run)(layer, recompute, *args)
+def run_block(block: torch.nn.Module, recompute: str, compiled: bool, x, cos, sin, mask):
+    """A decoder block under the recomputation policy (ignored without grad), compiled or eager."""
+    return (_compiled(_run_block) if compiled else _run_block)(block, recompute, x, cos, sin, mask)
+
+
+def run_clip_layer(layer: torch.nn.Module, recompute: str, compiled: bool, x):
+    return (_compiled(_run_clip_layer) if compiled else _run_clip_layer)(layer, recompute, x)
+
+
+def run_projector(projector: torch.nn.Module, compiled: bool, x):
+    """The image projector (small: never recomputed)."""
+    return (_compiled(_run_projector) if compiled else _run_projector)(projector, "none", x)
 
 
 def check_policy(recompute: str) -> str:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CROP, Phi3VConfig, VisionConfig, crop_grid_tokens
-from .recompute import run_layer
+from .recompute import run_clip_layer, run_projector
 
 
 # https://github.com/huggingface/transformers/blob/main/src/transformers/models/clip/modeling_clip.py
@@ -90,10 +90,10 @@ class CLIPVision(nn.Module):
         self.encoder = CLIPEncoder(cfg, n_layers)
 
     def forward(self, pixels: torch.Tensor, recompute: str = "none", compiled: bool = False) -> torch.Tensor:
-        """[N, 3, 336, 336] -> patch features [N, P, C] (CLS dropped); layers run as `run_layer` says."""
+        """[N, 3, 336, 336] -> patch features [N, P, C] (CLS dropped); layers run under `recompute`."""
         x = self.pre_layrnorm(self.embeddings(pixels))
         for layer in self.encoder.layers:
-            x = run_layer(layer, recompute, compiled, x)
+            x = run_clip_layer(layer, recompute, compiled, x)
         return x[:, 1:]
 
 
@@ -148,7 +148,7 @@ class ImageEmbedding(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             feats = self.hd_features(pixel_values, crops)
             # the model dtype (the projector may be an NF4/LoRA module whose .weight is not a tensor)
-            return run_layer(self.img_projection, "none", self.compiled, feats.to(self.glb_GN.dtype))
+            return run_projector(self.img_projection, self.compiled, feats.to(self.glb_GN.dtype))
 
 
 def check_image_inputs(cfg: Phi3VConfig, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:
