@@ -109,7 +109,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return y
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-        return y + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+        h = F.linear(self.dropout(x), a)                                    # [..., rank]
+        # y + scaling * (h @ B^T) as one GEMM into y's values (addmm): no separate [..., out] LoRA
+        # output or scaled copy, which counts for gate_up_proj's 16384-wide output
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scaling)
+        return out.view(y.shape)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"

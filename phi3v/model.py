@@ -6,7 +6,6 @@ H heads, hd head dim, V vocab.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import hf
+from .attention import attention
 from .config import CROP, MAX_INPUT_ID, Phi3VConfig
 from .loss import chunked_ce
 from .recompute import check_policy, run_block
@@ -69,7 +69,8 @@ def rope_cos_sin(cfg: Phi3VConfig, position_ids: torch.Tensor, long: torch.Tenso
     """
     dev = position_ids.device
     hd = cfg.head_dim
-    with torch.autocast(device_type=dev.type, enabled=False):
+    # fp32 tables even under a caller's autocast (meta tensors, for memory planning, have no autocast)
+    with torch.autocast(device_type=dev.type if dev.type != "meta" else "cpu", enabled=False):
         exponent = torch.arange(0, hd, 2, dtype=torch.int64, device=dev).float() / hd
         base = cfg.rope_theta ** exponent                                          # [hd/2]
         pos = position_ids.float()[..., None]                                      # [B, T, 1]
@@ -91,33 +92,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rot * sin
-
-
-FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
-
-
-def use_flash_attn(q: torch.Tensor) -> bool:
-    """flash-attn (optional; SDPA is the default fast path) for causal CUDA fp16/bf16."""
-    return FLASH_ATTN and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
-    """q [B, H, T, hd], k/v [B, H, S, hd] -> [B, H, T, hd]. mask: "causal", None, or a bool / additive
-    tensor broadcastable to [B, H, T, S]."""
-    if isinstance(mask, str) and use_flash_attn(q):      # optional fast path when flash-attn is installed
-        from flash_attn import flash_attn_func
-        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True).transpose(1, 2)
-    if q.is_meta:
-        # memory planning (phi3v.memory): SDPA on meta tensors falls back to the math path with its
-        # T x S score matrix; run the kernel a GPU runs instead, so the plan holds its memory
-        if isinstance(mask, str) or mask is None:
-            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, isinstance(mask, str))[0]
-        bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device) if mask.dtype == torch.bool else mask
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias.expand(*q.shape[:2], *mask.shape[2:]),
-                                                                      True)[0]
-    if isinstance(mask, str):   # "causal": no padding, no past keys
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class KVCache:

@@ -3,9 +3,9 @@ recomputation and torch.compile.
 
 Recomputation policies (`--recompute`):
   none       keep every activation for backward: fastest, most memory.
-  selective  keep the outputs of the matmuls and of attention, recompute the cheap pointwise ops
-             (norms, RoPE, activation functions, residual adds) in backward: torch's selective
-             activation checkpointing.
+  selective  keep the outputs of the full-size matmuls and of attention, recompute the cheap ops
+             (norms, RoPE, activation functions, residual adds, LoRA's low-rank updates) in
+             backward: torch's selective activation checkpointing.
   full       keep only each layer's input and recompute the whole layer in backward: least memory.
 
 Compilation: `torch.compile(fullgraph=True, dynamic=True)` of one small runner per layer kind
@@ -26,14 +26,19 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 POLICIES = ("none", "selective", "full")
 
 _aten = torch.ops.aten
-# what selective recomputation keeps: matmul outputs and the attention kernels' outputs
-_KEEP = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
-         _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
-         _aten._scaled_dot_product_cudnn_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default}
+_ATTENTION = {_aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+              _aten._scaled_dot_product_cudnn_attention.default,
+              _aten._scaled_dot_product_flash_attention_for_cpu.default}
+_MATMUL = {_aten.mm.default: 0, _aten.bmm.default: 0, _aten.addmm.default: 1}   # op -> index of its left factor
+MIN_INNER = 512   # a matmul whose inner dimension is below this (LoRA's rank-r updates) is cheap to redo
 
 
 def _keep_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _KEEP else CheckpointPolicy.PREFER_RECOMPUTE
+    """Keep attention and full-size matmul outputs; recompute pointwise ops and low-rank matmuls
+    (a LoRA update costs r/in of its base matmul, while keeping it would double the memory)."""
+    if op in _ATTENTION or (op in _MATMUL and args[_MATMUL[op]].shape[-1] >= MIN_INNER):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_context():

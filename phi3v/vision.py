@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .attention import attention
 from .config import CROP, Phi3VConfig, VisionConfig, crop_grid_tokens
 from .recompute import run_clip_layer, run_projector
 
@@ -46,7 +46,7 @@ class CLIPAttention(nn.Module):
         n, t, d = x.shape
         # [N, T, C] -> [N, heads, T, C/heads]
         q, k, v = (p(x).view(n, t, self.n_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)                # no mask: every token sees all 577
+        y = attention(q, k, v, None)                               # no mask: every token sees all 577
         return self.out_proj(y.transpose(1, 2).reshape(n, t, d))
 
 

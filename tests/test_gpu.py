@@ -237,6 +237,7 @@ def test_qlora_step0_loss_equals_lora(device, backend):
 def test_flash_attn_path_matches_sdpa(dtype, monkeypatch):
     """Attention's flash-attn branch (taken for causal CUDA fp16/bf16) equals the SDPA branch: same
     layer, same input, once with flash-attn and once with it switched off."""
+    from phi3v import attention as attention_py
     from phi3v import model as model_py
     torch.manual_seed(0)
     cfg = Phi3VConfig.tiny(hidden_size=256, num_attention_heads=4)    # head_dim 64
@@ -245,8 +246,8 @@ def test_flash_attn_path_matches_sdpa(dtype, monkeypatch):
     pos = torch.arange(300, device="cuda").expand(2, 300)
     cos, sin = model_py.rope_cos_sin(cfg, pos, False, dtype)
     with torch.no_grad():
-        assert model_py.use_flash_attn(x.view(2, 300, 4, 64).transpose(1, 2))
+        assert attention_py.use_flash_attn(x.view(2, 300, 4, 64).transpose(1, 2))
         flash = layer(x, cos, sin, "causal")
-        monkeypatch.setattr(model_py, "FLASH_ATTN", False)
+        monkeypatch.setattr(attention_py, "FLASH_ATTN", False)
         sdpa = layer(x, cos, sin, "causal")
     torch.testing.assert_close(flash.float(), sdpa.float(), rtol=2e-2, atol=2e-2)

@@ -1,0 +1,245 @@
+"""Memory plan: the peak GPU memory of a training step, predicted on the CPU in seconds.
+
+    python -m phi3v.memory --mode lora --task docvqa --recompute full --bf16 --json
+
+The model is built on the meta device (shapes, no data), set up exactly as train.py does
+(`finetune.prepare`, `Phi3V.configure_training`) and runs train.py's micro-step
+(`Phi3V.training_loss` + backward) twice, as gradient accumulation does, under a tracker of live
+storages. Parameters, gradients and the optimizer's state for this world size are added, and the
+optimizer step and a checkpoint save are accounted too. Figures are decimal GB (bytes / 1e9), the
+unit of `torch.cuda.max_memory_allocated() / 1e9` that bench/ reports. Every allocation is rounded
+up to 512 bytes, as the CUDA caching allocator does. Attention on meta tensors runs the kernel a GPU
+runs (flash, or memory-efficient with a mask: model.attention), not the math fallback.
+
+What it does not see: memory outside the caching allocator (CUDA context, NCCL buffers) and the
+allocator's fragmentation; the GPU figure (bench/train_step.py reports both) says how close it is.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .config import CROP, Phi3VConfig, crop_grid_tokens
+from .data import to_device, training_inputs
+from .finetune import MODES, prepare
+from .model import Phi3V
+
+GB = 1e9
+BLOCK = 512        # the CUDA caching allocator's size granularity
+
+# PERF.md's samples: (images, (crop rows, crop cols) per image, num_crops, text tokens, answer tokens)
+TASK_SAMPLES = {
+    "docvqa": (1, (3, 5), 16, 90, 8),        # one page at num_crops 16: 2353 image + 90 text = 2443 tokens
+    "hateful_memes": (1, (3, 5), 16, 90, 8),
+    "nlvr2": (2, (3, 5), 16, 60, 4),
+    "ucf101": (8, (2, 2), 4, 60, 4),         # 8 frames at num_crops 4: 8 x 757 + 60 = 6116 tokens
+}
+
+
+def largest_grid(num_crops: int) -> tuple[int, int]:
+    """The crop grid with the most image tokens that `num_crops` allows (the worst case)."""
+    return max(((h, w) for h in range(1, num_crops + 1) for w in range(1, num_crops // h + 1)),
+               key=lambda hw: crop_grid_tokens(*hw))
+
+
+def sample_batch(cfg: Phi3VConfig, task: str = "docvqa", num_crops: int | None = None, tokens: int | None = None,
+                 micro_batch_size: int = 1, seed: int = 0) -> dict:
+    """A collated micro-batch of `micro_batch_size` equal samples shaped like the task's (PERF.md):
+    its images (with `num_crops`: each at the largest grid that many crops allow), its text, a short
+    supervised answer; `tokens` sets the total length (text fills what the images leave)."""
+    if task not in TASK_SAMPLES:
+        raise ValueError(f"task must be one of {sorted(TASK_SAMPLES)}, got {task!r}")
+    n_img, grid, crops_default, n_text, n_answer = TASK_SAMPLES[task]
+    if num_crops is not None:
+        grid = largest_grid(num_crops)
+    per_img = crop_grid_tokens(*grid, cfg.vision.grid // 2)
+    if tokens is not None:
+        if tokens < n_img * per_img + n_answer + 5:
+            raise ValueError(f"--tokens {tokens} is shorter than the task's {n_img} image(s) of {per_img} tokens")
+        n_text = tokens - n_img * per_img
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(2, 32000, (n_text,), generator=g)
+    parts = [text[:4]] + [torch.full((per_img,), -(k + 1)) for k in range(n_img)] + [text[4:]]
+    ids = torch.cat(parts)[None].expand(micro_batch_size, -1).contiguous()       # [B, T]
+    labels = torch.full_like(ids, -100)
+    labels[:, -n_answer:] = ids[:, -n_answer:]
+    sizes = torch.tensor([[grid[0] * CROP, grid[1] * CROP]] * (n_img * micro_batch_size))
+    # rows are separate samples of equal length: plain causal attention, as the collator gives
+    batch = training_inputs(ids, torch.zeros_like(ids), labels, sizes, causal=True)
+    batch["pixel_values"] = torch.zeros(n_img * micro_batch_size, 1 + grid[0] * grid[1], 3, CROP, CROP)
+    return batch
+
+
+class LiveBytes(TorchDispatchMode):
+    """A timeline of the storages that ops create while active: each allocation (rounded up to the
+    allocator's 512-byte blocks) and its release when the last tensor using it dies (views share a
+    storage). Storages that existed before (weights, the batch) are not counted."""
+
+    def __init__(self, existing=()):
+        super().__init__()
+        self.live = 0
+        self.events: list[tuple[int, int]] = []          # (storage key, +bytes / -bytes)
+        self._keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        for t in existing:
+            self._keys.setdefault(t.untyped_storage(), None)
+
+    def key(self, t: torch.Tensor) -> int | None:
+        return self._keys.get(t.untyped_storage())
+
+    def _add(self, t) -> None:
+        if not isinstance(t, torch.Tensor):
+            return
+        st = t.untyped_storage()
+        if st in self._keys:
+            return
+        k, n = len(self.events), -(-st.nbytes() // BLOCK) * BLOCK
+        self._keys[st] = k
+        self.live += n
+        self.events.append((k, n))
+        weakref.finalize(st, self._free, k, n)
+
+    def _free(self, k: int, n: int) -> None:
+        self.live -= n
+        self.events.append((k, -n))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            self._add(t)
+        return out
+
+    def peak(self, leave_out: set[int] = frozenset()) -> int:
+        """The largest live total over the timeline, not counting the storages `leave_out`."""
+        live = top = 0
+        for k, n in self.events:
+            if k not in leave_out:
+                live += n
+                top = max(top, live)
+        return top
+
+
+def nbytes(tensors) -> int:
+    """Bytes of distinct storages, rounded as the allocator does."""
+    seen, total = set(), 0
+    for t in tensors:
+        st = t.untyped_storage()
+        if id(st) not in seen:
+            seen.add(id(st))
+            total += -(-st.nbytes() // BLOCK) * BLOCK
+    return total
+
+
+def optimizer_bytes(params: list[torch.Tensor], world_size: int = 1) -> dict:
+    """ZeroAdamW's memory on one rank, from shapes and dtypes: persistent state (fp32 masters of
+    non-fp32 parameters, two fp32 moments, the reduced gradient shard with several ranks), and the
+    step's and a checkpoint save's transient peaks."""
+    numel = sum(p.numel() for p in params)
+    shard = -(-numel // world_size)
+    low = sum(p.numel() for p in params if p.dtype != torch.float32)
+    masters = -(-low // world_size) * 4
+    state = masters + 2 * shard * 4 + (shard * 4 if world_size > 1 else 0)
+    return {"state": state, "step_transient": 0, "save_transient": 0}
+
+
+def estimate(mode: str = "lora", freeze_vision: bool = False, task: str = "docvqa", num_crops: int | None = None,
+             tokens: int | None = None, micro_batch_size: int = 1, recompute: str = "full", world_size: int = 1,
+             dtype: torch.dtype = torch.bfloat16, config: Phi3VConfig | None = None, lora_rank: int = 64,
+             lora_targets: list[str] | None = None, batch: dict | None = None, device: str = "meta") -> dict:
+    """Predicted peak (decimal GB) of a training step of `mode` on one rank, with its breakdown:
+    weights (frozen parameters and buffers), trainable_params, gradients, optimizer_state (this
+    rank's shard), activations (held for backward at the end of the forward), transient (the rest of
+    the peak: recomputation, logits chunks, backward temporaries). `batch`: a collated micro-batch
+    to plan for instead of the task's sample (train.py passes its longest). `device="cpu"` runs the
+    same step with real (random) tensors instead: the measurement the plan is tested against."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if world_size < 1 or micro_batch_size < 1:
+        raise ValueError(f"world_size and micro_batch_size must be >= 1, got {world_size}, {micro_batch_size}")
+    cfg = config or Phi3VConfig()
+    if device == "meta":
+        with torch.device("meta"):
+            model = Phi3V(cfg).to(dtype)
+    else:
+        model = Phi3V.from_config(cfg, dtype=dtype, device=device)
+    prepare(model, mode, freeze_vision=freeze_vision, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
+            targets=lora_targets)
+    model.configure_training(recompute=recompute)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen = [t for t in list(model.parameters()) + list(model.buffers()) if not t.requires_grad]
+    if batch is None:
+        batch = sample_batch(cfg, task, num_crops, tokens, micro_batch_size)
+    batch = to_device(batch, torch.device(device))
+    opt = optimizer_bytes(trainable, world_size)
+
+    weights, params = nbytes(frozen), nbytes(trainable)
+    tracker = LiveBytes(existing=frozen + trainable + [v for v in batch.values() if torch.is_tensor(v)])
+    with tracker:
+        loss = model.training_loss(batch)
+        activations = tracker.live                       # what the forward keeps for backward
+        loss.backward()
+        del loss
+    grads = nbytes(p.grad for p in trainable)
+    grad_keys = {tracker.key(p.grad) for p in trainable}
+    # micro-step 1 creates the gradients during backward; every later micro-step of an accumulation
+    # runs with all of them already there: its peak is the step's other memory + all gradients
+    during_step = max(tracker.peak() - grads, tracker.peak(leave_out=grad_keys))
+    persistent = weights + params + grads + opt["state"]
+    phases = {"micro_step": persistent + during_step,
+              "optimizer_step": persistent + opt["step_transient"],
+              "checkpoint_save": persistent + opt["save_transient"]}
+    peak = max(phases.values())
+    activations = min(activations, during_step)
+    breakdown = {"weights": weights, "trainable_params": params, "gradients": grads,
+                 "optimizer_state": opt["state"], "activations": activations,
+                 "transient": peak - persistent - activations}
+    return {"peak_gb": peak / GB, "breakdown": {k: v / GB for k, v in breakdown.items()},
+            "phases": {k: v / GB for k, v in phases.items()}, "peak_phase": max(phases, key=phases.get),
+            "config": {"mode": mode, "freeze_vision": freeze_vision, "task": task, "num_crops": num_crops,
+                       "tokens": int(batch["input_ids"].shape[1]), "micro_batch_size": int(batch["input_ids"].shape[0]),
+                       "recompute": recompute, "world_size": world_size, "dtype": str(dtype).replace("torch.", ""),
+                       "trainable_params": sum(p.numel() for p in trainable)}}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phi3v.memory", description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=MODES, default="lora")
+    p.add_argument("--freeze_vision", action="store_true", help="freeze CLIP, separators and projector")
+    p.add_argument("--task", choices=sorted(TASK_SAMPLES), default="docvqa", help="sample shape (PERF.md's)")
+    p.add_argument("--num_crops", type=int, help="each image at the largest grid of this many crops")
+    p.add_argument("--tokens", type=int, help="total tokens per sample (text fills what the images leave)")
+    p.add_argument("--micro_batch_size", type=int, default=1)
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="full")
+    p.add_argument("--world_size", type=int, default=1)
+    p.add_argument("--lora_rank", type=int, default=64)
+    prec = p.add_mutually_exclusive_group()
+    for name in ("bf16", "fp16", "fp32"):
+        prec.add_argument(f"--{name}", dest="dtype", action="store_const", const=name)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    a = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype or "bf16"]
+    try:
+        plan = estimate(a.mode, a.freeze_vision, a.task, a.num_crops, a.tokens, a.micro_batch_size, a.recompute,
+                        a.world_size, dtype, lora_rank=a.lora_rank)
+    except ValueError as e:
+        sys.stderr.write(f"python -m phi3v.memory: error: {e}\n")
+        return 2
+    if a.json:
+        print(json.dumps(plan))
+        return 0
+    c = plan["config"]
+    print(f"{c['mode']}{' (vision frozen)' if c['freeze_vision'] else ''}, {c['task']}: {c['micro_batch_size']} x "
+          f"{c['tokens']} tokens, recompute {c['recompute']}, {c['dtype']}, world size {c['world_size']}")
+    for k, v in plan["breakdown"].items():
+        print(f"  {k:18} {v:8.2f} GB")
+    print(f"  {'peak':18} {plan['peak_gb']:8.2f} GB   (during the {plan['peak_phase'].replace('_', ' ')})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
