@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from phi3v import Phi3V, Processor, dist
+from phi3v import Phi3V, Processor, dist, memory
 from phi3v.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate, to_device
 from phi3v.evaluate import evaluate, load_eval_records
@@ -248,13 +248,43 @@ def setup(cfg: TrainConfig) -> torch.device:
     return device
 
 
-def build_model(cfg: TrainConfig, device: torch.device, recompute: str) -> Phi3V:
-    """Load -> mode set-up (quantise, LoRA, freezing: phi3v.finetune) -> recomputation and compilation."""
+def build_model(cfg: TrainConfig, device: torch.device) -> Phi3V:
+    """Load -> mode set-up (quantise, LoRA, freezing: phi3v.finetune)."""
     model = Phi3V.from_pretrained(cfg.model, dtype=cfg.dtype, device=device)
-    prepare(model, cfg.mode, freeze_vision=cfg.freeze_vision, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout, adapter=cfg.adapter, seed=cfg.seed)
-    model.configure_training(recompute=recompute, compile=cfg.compile)
-    return model
+    return prepare(model, cfg.mode, freeze_vision=cfg.freeze_vision, lora_rank=cfg.lora_rank,
+                   lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, adapter=cfg.adapter, seed=cfg.seed)
+
+
+def plan_memory(cfg: TrainConfig, model: Phi3V, ds: JsonlDataset, pad_id: int, device: torch.device, log) -> str:
+    """The recomputation policy to train with, and the memory plan's prediction for it (phi3v.memory:
+    one step of this run's longest micro-batch on the meta device). With --recompute auto the fastest
+    policy whose plan fits the GPU's free memory; a run predicted not to fit says so and names the
+    cheapest change that would."""
+    longest = max(range(len(ds)), key=lambda i: ds.lengths[i])
+    try:
+        sample = ds.build(ds.records[longest])
+    except ValueError as e:           # a bad record under --skip_bad_records: train without a plan
+        log(f"memory plan skipped: {e}")
+        return "full" if cfg.recompute == "auto" else cfg.recompute
+    batch_of = lambda n: collate([sample] * n, pad_id, pack=cfg.packing)       # noqa: E731
+    kw = dict(mode=cfg.mode, freeze_vision=cfg.freeze_vision, world_size=dist.world_size(), dtype=cfg.dtype,
+              config=model.config, lora_rank=cfg.lora_rank, batch=batch_of(cfg.micro_batch_size))
+    # the plan counts the weights, which are on the GPU already: the budget is free + ours
+    budget = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)) / 1e9 \
+        if device.type == "cuda" else None
+    for policy in ("none", "selective", "full") if cfg.recompute == "auto" else (cfg.recompute,):
+        plan = memory.estimate(recompute=policy, **kw)
+        if budget is None or plan["peak_gb"] <= 0.95 * budget:
+            break
+    log(f"memory plan: {plan['peak_gb']:.2f} GB peak per process with recompute {policy} "
+        f"({kw['batch']['input_ids'].shape[0]} x {kw['batch']['input_ids'].shape[1]} tokens, the longest "
+        f"micro-batch)" + (f"; {budget:.2f} GB available on {device}" if budget is not None else ""))
+    if budget is not None and plan["peak_gb"] > budget:
+        fix = memory.advise(0.95 * budget, batch_for=batch_of, recompute=policy, **kw)
+        log(f"warning: the plan predicts {plan['peak_gb']:.2f} GB, more than the {budget:.2f} GB available: "
+            + (f"the cheapest change that fits is {fix}" if fix else "no single change fits; use more GPUs "
+               "(--nproc_per_node) to shard the optimizer state"))
+    return policy
 
 
 def progress_bar(cfg: TrainConfig, desc: str):
@@ -357,6 +387,8 @@ class RunLog:
                    "grad_norm": gnorm if math.isfinite(gnorm) else None,   # strict JSON: no NaN/inf
                    "tokens_per_s": self.seen / (time.time() - self.t0), "epoch": done / self.steps_per_epoch,
                    "skipped_samples": skipped_total}
+            if torch.cuda.is_available():     # decimal GB, as bench/ and the memory plan report it
+                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if overflow:
                 rec["fp16_overflow_skipped"] = True
             self.history.append(rec)
@@ -478,14 +510,10 @@ def main(cfg: TrainConfig) -> None:
     log = (lambda *a: print(*a, flush=True)) if main_rank else (lambda *a: None)
     out, eval_path = Path(cfg.output_dir), Path(cfg.output_dir) / "eval.json"
     proc = Processor.from_pretrained(cfg.model, num_crops=cfg.num_crops)
-    recompute = "full" if cfg.recompute == "auto" else cfg.recompute
-    model = build_model(cfg, device, recompute)
+    model = build_model(cfg, device)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     log(f"model {cfg.model}: mode {cfg.mode}{' (vision frozen)' if cfg.freeze_vision else ''}, {cfg.dtype}, "
         f"{sum(p.numel() for _, p in named):,} trainable parameters, world size {world}, device {device}")
-    log(f"speed settings: {str(cfg.dtype).replace('torch.', '')}, compile {'on' if cfg.compile else 'off'}, "
-        f"recompute {recompute}" + (f" (--recompute {cfg.recompute})" if cfg.recompute == "auto" else "")
-        + (f", TF32 {'on' if cfg.tf32 else 'off'}" if device.type == "cuda" else ""))
     out.mkdir(parents=True, exist_ok=True)
     run_eval = make_evaluator(cfg, model, proc)
     if cfg.eval_only:
@@ -498,6 +526,11 @@ def main(cfg: TrainConfig) -> None:
         return dist.cleanup()
 
     train_ds = load_train_data(cfg, proc, log)
+    recompute = plan_memory(cfg, model, train_ds, proc.pad_token_id, device, log)
+    model.configure_training(recompute=recompute, compile=cfg.compile)
+    log(f"speed settings: {str(cfg.dtype).replace('torch.', '')}, compile {'on' if cfg.compile else 'off'}, "
+        f"recompute {recompute}" + (" (auto)" if cfg.recompute == "auto" else "")
+        + (f", TF32 {'on' if cfg.tf32 else 'off'}" if device.type == "cuda" else ""))
     sampler = StepSampler(train_ds.lengths, cfg.batch_size, cfg.micro_batch_size, dist.rank(), world, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * sampler.steps_per_epoch))
     opt = ZeroAdamW(named, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, no_decay=no_decay,

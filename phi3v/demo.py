@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
 from .config import Phi3VConfig
+from .model import Phi3V
 
 CLASSES = ["Ball", "Cube", "Line", "Ring"]
 COLORS = {"Ball": (220, 40, 40), "Cube": (40, 90, 220), "Line": (30, 170, 60), "Ring": (230, 190, 20)}
@@ -72,12 +73,14 @@ def demo_config() -> Phi3VConfig:
     return Phi3VConfig.tiny(name_or_path="phi3v-demo-tiny")
 
 
-def write_base_model(out_dir: str | Path, seed: int = 0, num_crops: int = 1) -> Path:
-    """Write the tiny model + tokenizer + preprocessor config as an HF-layout directory."""
-    from .model import Phi3V
+def write_base_model(out_dir: str | Path, seed: int = 0, num_crops: int = 1, config: Phi3VConfig | None = None,
+                     dtype=None, device: str = "cpu") -> Path:
+    """Write a randomly initialised model (default: the demo's tiny one; bench/ writes the real sizes)
+    + tokenizer + preprocessor config as an HF-layout directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    Phi3V.from_config(demo_config(), seed=seed).save_pretrained(out)
+    model = Phi3V.from_config(config or demo_config(), seed=seed, device=device)
+    (model.to(dtype) if dtype is not None else model).save_pretrained(out)
     tok, tok_cfg = build_tokenizer()
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))

@@ -206,6 +206,30 @@ def estimate(mode: str = "lora", freeze_vision: bool = False, task: str = "docvq
                        "trainable_params": sum(p.numel() for p in trainable)}}
 
 
+def advise(budget_gb: float, batch_for=None, **kw) -> str | None:
+    """The cheapest single change to `estimate(**kw)`'s configuration that the plan fits into
+    `budget_gb`, as a flag to use ("--recompute full (9.87 GB)"), or None. Tried in this order, from
+    the least to the most training speed (or adaptation capacity) given up: more recomputation, a
+    smaller micro-batch (`batch_for(n)` builds one of n samples), QLoRA instead of LoRA, LoRA instead
+    of full fine-tuning, a frozen vision tower."""
+    order = {"none": ["selective", "full"], "selective": ["full"], "full": []}[kw.get("recompute", "full")]
+    tries = [(f"--recompute {r}", {"recompute": r}) for r in order]
+    micro = kw.get("micro_batch_size", 1) if batch_for is None else int(kw["batch"]["input_ids"].shape[0])
+    while micro > 1:
+        micro //= 2
+        tries.append((f"--micro_batch_size {micro}", {"micro_batch_size": micro} if batch_for is None
+                      else {"batch": batch_for(micro)}))
+    mode = kw.get("mode", "lora")
+    tries += [("--qlora", {"mode": "qlora"})] if mode == "lora" else [("--lora", {"mode": "lora"})] if mode == "full" else []
+    if not kw.get("freeze_vision"):
+        tries.append(("--freeze_vision", {"freeze_vision": True}))
+    for flag, change in tries:
+        plan = estimate(**{**kw, **change})
+        if plan["peak_gb"] <= budget_gb:
+            return f"{flag} ({plan['peak_gb']:.2f} GB)"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi3v.memory", description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=MODES, default="lora")

@@ -32,7 +32,7 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))             # fp32 (fp64 stays fp64)
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)         # [..., 1]
         ctx.save_for_backward(x, weight, rstd)
         return weight * (h * rstd).to(x.dtype)
@@ -40,11 +40,11 @@ class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
-        n = x.float() * rstd                                                # normalised, fp32
+        n = x.to(rstd.dtype) * rstd                                         # normalised, fp32
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (grad * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0, dtype=torch.float32).to(weight.dtype)
-        g = (grad * weight).float()                                         # d loss / d n
+            grad_w = (grad * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0, dtype=n.dtype).to(weight.dtype)
+        g = (grad * weight).to(n.dtype)                                     # d loss / d n
         grad_x = rstd * (g - n * (g * n).mean(-1, keepdim=True))            # through n = x * rstd(x)
         return grad_x.to(x.dtype), grad_w, None
 
