@@ -47,7 +47,7 @@ if str(REPO) not in sys.path:      # `python bench/train_step.py` from a checkou
 import torch                                    # noqa: E402
 import torch.nn as nn                           # noqa: E402
 
-from phi3v import Phi3V, Phi3VConfig   # noqa: E402
+from phi3v import Phi3V, Phi3VConfig, memory   # noqa: E402
 from phi3v.finetune import prepare   # noqa: E402
 from phi3v.config import CLIP_LINEARS, CROP, LM_LINEARS, crop_grid_tokens   # noqa: E402
 from phi3v.data import to_device, training_inputs   # noqa: E402
@@ -344,6 +344,11 @@ def run_group(impl: str, mode: str, args) -> list[dict]:
     for r in rows:
         r["config"].update(info)
         r["build_s"] = build_s
+        if impl == "phi3v":     # what the memory planner predicts for this very step (PERF.md's "planned_peak_gb")
+            r["planned_peak_gb"] = memory.estimate(
+                "full" if mode.startswith("full") else mode, freeze_vision=mode != "full", recompute=args.recompute,
+                dtype=dtype, config=cfg, lora_rank=LORA_RANK, lora_targets=LM_TARGETS,
+                batch=samples[r["sample"]])["peak_gb"]
         s = to_device(samples[r["sample"]], device)
         print(f"[{impl}/{mode}/{r['sample']}] {r['tokens']} tokens: {args.warmup} warm-up + {args.steps} timed steps",
               file=sys.stderr, flush=True)
@@ -401,13 +406,14 @@ def fmt(x, spec):
 
 def table(runs: list[dict]) -> str:
     head = f"{'impl':6} {'mode':19} {'sample':6} {'tokens':>6} {'samples/s':>9} {'tokens/s':>9} {'images/s':>8} " \
-           f"{'MFU':>6} {'peak GB':>7}  note"
+           f"{'MFU':>6} {'peak GB':>7} {'plan GB':>7}  note"
     lines = [head, "-" * len(head)]
     for r in runs:
         note = r.get("skipped") or r.get("error") or ""
         lines.append(f"{r['impl']:6} {r['mode']:19} {r['sample']:6} {r['tokens']:>6} {fmt(r['samples_per_s'], '9.3f')} "
                      f"{fmt(r['tokens_per_s'], '9.0f')} {fmt(r['images_per_s'], '8.2f')} "
-                     f"{fmt(None if r['mfu'] is None else 100 * r['mfu'], '5.1f')}% {fmt(r['peak_mem_gb'], '7.2f')}  "
+                     f"{fmt(None if r['mfu'] is None else 100 * r['mfu'], '5.1f')}% {fmt(r['peak_mem_gb'], '7.2f')} "
+                     f"{fmt(r.get('planned_peak_gb'), '7.2f')}  "
                      f"{note[:70]}")
     return "\n".join(lines)
 
