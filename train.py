@@ -443,7 +443,8 @@ def main(cfg: TrainConfig) -> None:
         lr = lr_at(step, cfg.learning_rate, cfg.warmup_steps, total_steps, cfg.lr_schedule)
         opt.lr = lr
         loss_sum, n_tok, n_seen = 0.0, 0, 0
-        for _ in sampler.micro_batches(step):
+        micro = sampler.micro_batches(step)
+        for i in range(len(micro)):
             batch = next(batches)
             skipped_total += len(batch["skipped"])
             if batch["n_samples"] == 0:
@@ -452,6 +453,7 @@ def main(cfg: TrainConfig) -> None:
                                     pixel_values=None if batch["pixel_values"] is None else batch["pixel_values"].to(device),
                                     image_sizes=batch["image_sizes"])
             loss, n = chunked_ce(h, model.lm_head, batch["labels"])
+            opt.sync_grads = i == len(micro) - 1    # the last backward also reduces the gradients over ranks
             (loss * (scaler.scale if scaler else 1.0)).backward()
             loss_sum += loss.item()
             n_tok += n
