@@ -3,6 +3,7 @@
     python bench/optim_step.py                      # CPU, 50M parameters, median of 10 steps after 3 warm-up
     python bench/optim_step.py --device cuda --params 1e9
     python bench/optim_step.py --check              # also: ZeroAdamW == AdamW(foreach=False) within 1e-6
+    python bench/optim_step.py --threads 1          # on a shared machine: fewer OpenMP barrier stalls
 
 Both sides do the same work: global-norm clipping, then AdamW (0.9, 0.95, eps 1e-7, weight decay 0.01
 on matrices only). The baseline is `clip_grad_norm_(foreach=True)` + `torch.optim.AdamW(fused=True)`.
@@ -138,7 +139,10 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--check", action="store_true", help="also check ZeroAdamW == AdamW(foreach=False) within 1e-6")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shp = shapes(args.params)
     n = sum(math.prod(s) for s in shp)

@@ -265,12 +265,15 @@ def _worker(rank, world, port, tmp):
             out["n_buckets"] = len(opt._comm)
 
         # One micro-batch per step: only rank 0 runs a backward (and reduces during it); the others
-        # reduce in step(), after the loop's all-reduce of the token count.
-        model = build()
-        opt = make_opt(model)
-        started = record_early_reductions(opt)
-        train(model, opt, 0, STEPS, n_micro=1, rank=rank, world=world)
-        out["uneven"], out["uneven_started"] = trainable(model), started
+        # reduce in step(), after the loop's all-reduce of the token count. Also with bf16
+        # parameters (fp32 masters, bf16 gradients reduced in fp32, bf16 all-gather).
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build(dtype)
+            opt = make_opt(model)
+            started = record_early_reductions(opt)
+            train(model, opt, 0, STEPS, n_micro=1, rank=rank, world=world)
+            out[f"uneven_{dtype}"], out[f"uneven_started_{dtype}"] = trainable(model), started
+            out[f"uneven_state_{dtype}"] = opt.state_dict()
 
         # Two micro-batches per step: the summed gradients are then bitwise the same for one,
         # two or three ranks, so resumed runs can be compared bitwise across world sizes.
@@ -345,6 +348,10 @@ def _runs(tmp):
         train(model, opt, 0, STEPS, n_micro=n_micro)
         res[1][f"accum_{n_micro}"] = trainable(model)
         res[1][f"state_{n_micro}"] = opt.state_dict()
+    model = build(torch.bfloat16)
+    opt = make_opt(model)
+    train(model, opt, 0, STEPS, n_micro=1)
+    res[1]["accum_1_bf16"], res[1]["state_1_bf16"] = trainable(model), opt.state_dict()
     model = build()
     opt = make_opt(model)
     train(model, opt, 0, RESUME_AT, n_micro=2)
@@ -379,14 +386,18 @@ def test_reduction_starts_during_the_last_backward(runs, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_rank_without_backward_reduces_in_step(runs, world):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_without_backward_reduces_in_step(runs, world, dtype):
     """Rank 0 reduces during its backward, the others (no micro-batch) only in step(), after the loop's
     all-reduce: no deadlock, and bitwise the one-rank result (the others add zero gradients)."""
-    assert runs[world][0]["uneven_started"] == [2] * STEPS
+    one = {torch.float32: ("accum_1", "state_1"), torch.bfloat16: ("accum_1_bf16", "state_1_bf16")}[dtype]
+    assert runs[world][0][f"uneven_started_{dtype}"] == [2] * STEPS
     for r in range(world):
         if r:
-            assert runs[world][r]["uneven_started"] == [0] * STEPS
-        assert_equal_dicts(runs[world][r]["uneven"], runs[1]["accum_1"])
+            assert runs[world][r][f"uneven_started_{dtype}"] == [0] * STEPS
+        assert_equal_dicts(runs[world][r][f"uneven_{dtype}"], runs[1][one[0]])
+    assert_equal_dicts(merged([runs[world][r][f"uneven_state_{dtype}"] for r in range(world)]),
+                       merged([runs[1][one[1]]]))
 
 
 @pytest.mark.parametrize("world", [2, 3])
