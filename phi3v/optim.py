@@ -165,7 +165,7 @@ class ZeroAdamW:
             ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
             self._group = dist.new_group(ranks, use_local_synchronization=True)
             self.grad = torch.zeros(S, device=device)    # [S] this rank's shard of the summed gradient
-            # Grad-norm pieces of all ranks, and where this rank's start.
+            # Grad-norm pieces of all ranks, and the index of this rank's first one.
             ends = [(o, o + p.numel()) for p, o in zip(self.params, self.offsets)]
             self._n_norms = sum(_n_pieces(a, b) for a, b in ends)
             self._norm0 = sum(_n_pieces(a, min(b, self.base)) for a, b in ends if a < self.base)
