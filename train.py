@@ -559,7 +559,10 @@ def main(cfg: TrainConfig) -> None:
         # gradient accumulation: every micro-batch's backward adds into .grad; no averaging here.
         # A micro-step never waits for the GPU: the collator computed every data-dependent index on
         # the CPU, and the loss stays on the device until the step's one all-reduce below.
-        for _ in sampler.micro_batches(step):
+        micro = sampler.micro_batches(step)
+        for i in range(len(micro)):
+            # ZeRO-2: during the step's last backward, gradient buckets are reduced as they become ready
+            opt.sync_grads = i == len(micro) - 1
             batch = next(batches)
             skipped += len(batch["skipped"])
             if batch["n_samples"] == 0:      # every sample of it was unreadable (--skip_bad_records)

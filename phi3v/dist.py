@@ -55,15 +55,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def broadcast_object(obj):
-    """Return rank 0's `obj` on every rank (any picklable object)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

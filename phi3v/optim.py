@@ -1,17 +1,40 @@
 """ZeRO-2 AdamW, a dynamic loss scaler for fp16, and the learning-rate schedule.
 
-ZeRO-2 lives in the optimizer (no DDP wrapper, nanochat-style). All trainable parameters are
-laid out back to back in one flat fp32 index space, padded so it splits into `n_shards` equal
-shards. Rank r owns shard r: its fp32 master weights, Adam moments and (after the
-reduce-scatter) its slice of the summed gradient. Frozen parameters never enter the layout, so
-a frozen bf16 or NF4 base is never communicated.
+ZeRO-2 lives in the optimizer (no DDP wrapper, nanochat-style). All trainable parameters are laid
+out back to back, in the order given, in one flat index space padded so it splits into `world`
+equal shards, and they become views of one flat buffer of their dtype (full on every rank, as ZeRO-2
+keeps whole parameters). Rank r owns shard r: its fp32 master weights, Adam moments and, after the
+reduction, its slice of the summed gradient. fp32 parameters (LoRA) need no master: their shard of
+the flat buffer is it, so nothing is copied or written back. Frozen parameters never enter the
+layout, so a frozen bf16 or NF4 base is never communicated.
 
-The update is the math of `torch.optim.AdamW(foreach=False)` applied elementwise to the shard.
-Everything except the cross-rank gradient sum is independent of how the flat space is cut:
-shard sizes are multiples of `_CHUNK`, and the global grad norm is summed over fixed chunks in
-a fixed order. So for the same summed gradients, 1, 2 or 3 ranks give bitwise the same update,
-and a checkpoint written by N ranks can be re-partitioned for M ranks without changing the run.
+A step is two passes over the shard: the global gradient norm, then torch's fused AdamW kernel
+(`torch._fused_adamw_`, what `AdamW(fused=True)` runs), which reads master, gradient and moments once,
+applies grad scale and clip coefficient on the way and writes them back. With fp32 parameters on one
+rank that moves 36 bytes per parameter (the unfused update moved about 164).
+
+Apart from the cross-rank gradient sum, nothing depends on the world size: the work is cut only at
+places that do not move with it:
+- shards are multiples of `_CHUNK` elements;
+- the norm adds up fixed pieces (each parameter's part of each `_CHUNK`-aligned chunk), each reduced
+  by the same kernel over the same elements in any world, in float64 and a fixed order;
+- the fused kernel is called on pieces cut at multiples of `_VEC` elements: its CPU version rounds the
+  elements of a partial vector (the scalar tail) differently from full ones.
+So for the same summed gradients 1, 2 or 3 ranks give bitwise the same update (tested on CPU; CUDA
+reduction kernels choose their summation order by shape, so there the norm, and with it a clipped
+update, may differ in the last bit), and a checkpoint written by N ranks can be re-partitioned for M
+ranks without changing the run.
+
+With several ranks each gradient reaches its owner by `dist.reduce`, bucket by bucket over the flat
+space (contiguous ranges, last first as backward produces them; DeepSpeed's ZeRO-2 does the same).
+Set `opt.sync_grads = True` before the last backward of a step and each bucket starts as soon as all
+its gradients are accumulated, overlapping the rest of the backward; step() starts whatever is left.
+Backward never waits for a reduction (at most `_IN_FLIGHT` buckets are in flight, further ones wait
+for later hooks or step()): another rank may start its reductions only in step(), after collectives
+of its own loop (e.g. when its last micro-batch was empty), which is also why the optimizer
+communicates on a process group of its own. World size 1 has none of this.
 """
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Collection, Iterable
@@ -19,259 +42,329 @@ from typing import Callable, Collection, Iterable
 import torch
 import torch.distributed as dist
 
-# Shard boundaries and grad-norm partial sums are aligned to this many elements (see above).
+# Shard boundaries and the grad-norm pieces are aligned to this many elements (see above).
 _CHUNK = 2048
-# Elements per communication bucket (all ranks together): bounds the temporary buffers.
+# The fused kernel's pieces are aligned to this many elements: a multiple of any CPU vector width.
+_VEC = 16
+# Elements per bucket (a range of the flat space): bounds the gradient copies in flight.
 _BUCKET = 1 << 25
+# Reduction buckets in flight during backward.
+_IN_FLIGHT = 2
 
-# Newer torch spells these *_single; the *_tensor names warn on each call there.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+# Newer torch spells this *_single; the *_tensor name warns on each call there.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _trainable(params: Iterable) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) pairs of the trainable ones, checked: contiguous, each once, one dtype and device."""
+    named = [item if isinstance(item, tuple) else (f"param{i}", item) for i, item in enumerate(params)]
+    named = [(n, p) for n, p in named if p.requires_grad]
+    if not named:
+        raise ValueError("ZeroAdamW got no trainable parameters")
+    first, p0 = named[0]
+    seen = set()
+    for n, p in named:
+        if not p.is_contiguous():
+            raise ValueError(f"parameter {n} is not contiguous")
+        if id(p) in seen:  # tied weights would be updated twice
+            raise ValueError(f"parameter {n} is given twice")
+        if (p.dtype, p.device) != (p0.dtype, p0.device):
+            raise ValueError(f"parameter {n} is {p.dtype} on {p.device}, {first} {p0.dtype} on {p0.device}: "
+                             "ZeroAdamW keeps the parameters in one flat buffer of one dtype")
+        seen.add(id(p))
+    return named
+
+
+def _shard_numel(numel: int, world: int) -> int:
+    return math.ceil(numel / (world * _CHUNK)) * _CHUNK
+
+
+def _split(a: int, b: int, q: int) -> list[tuple[int, int]]:
+    """[a, b) cut at the first and last multiple of q inside it: a head and a tail shorter than q
+    around a q-aligned middle (empty parts left out)."""
+    h = min(b, -(-a // q) * q)
+    t = max(h, b // q * q)
+    return [(x, y) for x, y in ((a, h), (h, t), (t, b)) if x < y]
+
+
+def _n_pieces(a: int, b: int) -> int:
+    """Grad-norm pieces of flat [a, b): one per `_CHUNK`-aligned chunk it touches."""
+    return (b - 1) // _CHUNK - a // _CHUNK + 1
+
+
+def _piece_norms(g: torch.Tensor, a: int) -> list[torch.Tensor]:
+    """L2 norms of gradient `g` (flat elements [a, a + len)) per grad-norm piece: whole chunks as rows of
+    a [rows, _CHUNK] view, a partial chunk at either end as one row [1, n]."""
+    return [torch.linalg.vector_norm(g[x - a:y - a].view(-1, min(_CHUNK, y - x)), dim=1)
+            for x, y in _split(a, a + g.numel(), _CHUNK)]
 
 
 class ZeroAdamW:
     """AdamW whose fp32 master weights, moments and gradients are sharded over ranks (ZeRO-2).
 
     `params`: parameters or `(name, parameter)` pairs, e.g. `model.named_parameters()`; those with
-    `requires_grad=False` are ignored. Any dtype works (fp32 LoRA, bf16 full fine-tuning): the
-    optimizer keeps fp32 masters and writes `master.to(param.dtype)` back after every step.
-    `no_decay`: parameters excluded from weight decay, as a collection of parameters or a
-    predicate `(name, param) -> bool`. `mode="allreduce"` keeps the whole state on every rank
-    and all-reduces full gradients (DDP-style), which is simpler and cheaper for tiny sets.
-    A parameter without a gradient in a step counts as a zero gradient (DDP does the same).
+    `requires_grad=False` are ignored. The others must share one dtype and device, and become views of
+    the optimizer's flat buffer (so build the optimizer after moving the model). fp32 parameters are
+    their own masters; others (bf16 full fine-tuning) get fp32 masters, cast back after each step.
+    `no_decay`: parameters excluded from weight decay, as a collection of parameters or a predicate
+    `(name, param) -> bool`. A parameter without a gradient in a step counts as a zero gradient (DDP
+    does the same). `sync_grads`: set it for the last backward of each step (module docstring).
     """
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-7, weight_decay: float = 0.01,
                  no_decay: Collection | Callable | None = None, max_grad_norm: float = 1.0,
-                 process_group=None, mode: str = "zero2"):
-        if mode not in ("zero2", "allreduce"):
-            raise ValueError(f"mode must be 'zero2' or 'allreduce', got {mode!r}")
-        named = [item if isinstance(item, tuple) else (f"param{i}", item)
-                 for i, item in enumerate(params)]
-        named = [(n, p) for n, p in named if p.requires_grad]
-        if not named:
-            raise ValueError("ZeroAdamW got no trainable parameters")
-        seen = set()
-        for n, p in named:
-            if not p.is_contiguous():
-                raise ValueError(f"parameter {n} is not contiguous")
-            if id(p) in seen:  # tied weights would be updated twice
-                raise ValueError(f"parameter {n} is given twice")
-            seen.add(id(p))
+                 process_group=None):
+        named = _trainable(params)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.lr, self.betas, self.eps = lr, betas, eps
-        self.weight_decay, self.max_grad_norm, self.mode = weight_decay, max_grad_norm, mode
-        self.group = process_group
+        self.weight_decay, self.max_grad_norm = weight_decay, max_grad_norm
         self.step_count = 0
+        self.sync_grads = False
 
         distributed = dist.is_available() and dist.is_initialized()
         self.world = dist.get_world_size(process_group) if distributed else 1
         self.rank = dist.get_rank(process_group) if distributed else 0
-        # Only zero2 splits the state; allreduce keeps one shard holding everything.
-        self.n_shards = self.world if mode == "zero2" else 1
-        self.shard_rank = self.rank if mode == "zero2" else 0
-
         self.offsets, total = [], 0
         for p in self.params:
             self.offsets.append(total)
             total += p.numel()
         self.numel = total
-        self.shard_numel = math.ceil(total / (self.n_shards * _CHUNK)) * _CHUNK
-        self.bucket = max(_CHUNK, _BUCKET // self.n_shards // _CHUNK * _CHUNK)
-        start = self.shard_rank * self.shard_numel
-        end = start + self.shard_numel
-
-        # Decay is applied per contiguous range of the shard, i.e. per parameter as in torch.
+        S = self.shard_numel = _shard_numel(total, self.world)
+        self.base = self.rank * S                  # this rank's shard is flat [base, base + S)
+        self.bucket = _BUCKET                      # a multiple of _CHUNK
         if callable(no_decay):
             skip = [bool(no_decay(n, p)) for n, p in named]
         else:
             ids = {id(p) for p in (no_decay or ())}
             skip = [id(p) in ids for p in self.params]
-        self.decay_ranges = []
-        for p, off, s in zip(self.params, self.offsets, skip):
-            lo, hi = max(start, off) - start, min(end, off + p.numel()) - start
-            if s or lo >= hi:
-                continue
-            if self.decay_ranges and self.decay_ranges[-1][1] == lo:
-                self.decay_ranges[-1] = (self.decay_ranges[-1][0], hi)
-            else:
-                self.decay_ranges.append((lo, hi))
 
-        device = self.params[0].device
-        self.master = torch.zeros(self.shard_numel, dtype=torch.float32, device=device)
-        self._read_params(start, self.master)
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
-        # The reduced gradient shard. With one rank there is nothing to reduce: gradients are read
-        # from p.grad bucket by bucket instead, saving a full fp32 copy (4 bytes/param, 16 GB for
-        # full fine-tuning of the 4.1B model on one GPU).
-        if self.world > 1:
-            self.grad, self._bucket_buf = torch.zeros_like(self.master), None
-        else:
-            self.grad = None
-            self._bucket_buf = torch.empty(min(self.bucket, self.shard_numel), dtype=torch.float32, device=device)
-
-    # --- moving data between the parameters and the flat index space -------------------------
-
-    def _overlaps(self, start: int, n: int):
-        """Yield (param, slice in the param's flat view, slice in [start, start+n))."""
+        # The parameters move into one flat buffer [world * S] (zero padding at the end).
+        dtype, device = self.params[0].dtype, self.params[0].device
+        self.flat = torch.zeros(self.world * S, dtype=dtype, device=device)
         for p, off in zip(self.params, self.offsets):
-            lo, hi = max(start, off), min(start + n, off + p.numel())
-            if lo < hi:
-                yield p, slice(lo - off, hi - off), slice(lo - start, hi - start)
+            view = self.flat[off:off + p.numel()]
+            view.copy_(p.detach().view(-1))
+            p.data = view.view(p.shape)
+        shard = self.flat[self.base:self.base + S]
+        self.master = shard if dtype == torch.float32 else shard.float()   # [S] fp32
+        self.exp_avg = torch.zeros(S, device=device)
+        self.exp_avg_sq = torch.zeros(S, device=device)
+        self._step = torch.zeros((), device=device)      # the fused kernel reads the step count from here
 
-    def _read_grads(self, start: int, out: torch.Tensor) -> None:
-        out.zero_()  # padding and params without a gradient
-        for p, src, dst in self._overlaps(start, out.numel()):
-            if p.grad is not None:
-                out[dst].copy_(p.grad.reshape(-1)[src])
+        # The shard as (param index, flat start, flat end) segments, bucket by bucket (a bucket bounds
+        # the fp32 gradient copies of non-fp32 parameters at world size 1), and the fused kernel's
+        # arguments for each bucket.
+        self.buckets = [self._segments(lo, min(lo + self.bucket, self.base + S))
+                        for lo in range(self.base, self.base + S, self.bucket)]
+        self._pieces = [self._fused_pieces(segs, skip) for segs in self.buckets]
 
-    def _read_params(self, start: int, out: torch.Tensor) -> None:
-        for p, src, dst in self._overlaps(start, out.numel()):
-            out[dst].copy_(p.detach().view(-1)[src])
+        self.grad = None                                 # world 1: gradients are read from p.grad
+        if self.world > 1:
+            ranks = dist.get_process_group_ranks(process_group or dist.group.WORLD)
+            self._group = dist.new_group(ranks, use_local_synchronization=True)
+            self.grad = torch.zeros(S, device=device)    # [S] this rank's shard of the summed gradient
+            # Grad-norm pieces of all ranks, and the index of this rank's first one.
+            ends = [(o, o + p.numel()) for p, o in zip(self.params, self.offsets)]
+            self._n_norms = sum(_n_pieces(a, b) for a, b in ends)
+            self._norm0 = sum(_n_pieces(a, min(b, self.base)) for a, b in ends if a < self.base)
+            # Reduction buckets: flat [k * bucket, (k + 1) * bucket), started last first.
+            n_buckets = -(-self.world * S // self.bucket)
+            self._comm = [self._segments(k * self.bucket, min((k + 1) * self.bucket, self.world * S))
+                          for k in range(n_buckets)]
+            self._touch = [range(o // self.bucket, (o + p.numel() - 1) // self.bucket + 1)
+                           for p, o in zip(self.params, self.offsets)]
+            for i, p in enumerate(self.params):
+                p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+            self._reset_reduction()
 
-    def _write_params(self, start: int, src_flat: torch.Tensor) -> None:
-        with torch.no_grad():
-            for p, dst, src in self._overlaps(start, src_flat.numel()):
-                p.view(-1)[dst].copy_(src_flat[src])
+    def _segments(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(param index, start, end) of every parameter's part of flat [lo, hi)."""
+        return [(i, max(lo, o), min(hi, o + p.numel())) for i, (p, o) in enumerate(zip(self.params, self.offsets))
+                if max(lo, o) < min(hi, o + p.numel())]
 
-    def _buckets(self):
-        for col in range(0, self.shard_numel, self.bucket):
-            yield col, min(self.bucket, self.shard_numel - col)
+    def _fused_pieces(self, segs, skip: list[bool]) -> dict:
+        """For one bucket, by decay (True/False): the fused kernel's masters, exp_avgs and exp_avg_sqs,
+        and where each piece's gradient sits, as (segment index, start, end). Segments are cut at
+        multiples of _VEC (module docstring)."""
+        groups = {}
+        for s, (i, a, b) in enumerate(segs):
+            for x, y in _split(a, b, _VEC):
+                masters, exp_avgs, exp_avg_sqs, where = groups.setdefault(not skip[i], ([], [], [], []))
+                masters.append(self.master[x - self.base:y - self.base])
+                exp_avgs.append(self.exp_avg[x - self.base:y - self.base])
+                exp_avg_sqs.append(self.exp_avg_sq[x - self.base:y - self.base])
+                where.append((s, x - a, y - a))
+        return groups
 
-    def _reduce_grads(self) -> None:
-        """Fill self.grad with this rank's shard of the gradient summed over ranks."""
-        S = self.shard_numel
-        for col, width in self._buckets():
-            if self.mode == "zero2" and self.world > 1:
-                # Row r holds shard r's columns [col, col+width); rank r receives row r summed.
-                send = torch.empty(self.world, width, device=self.grad.device)
-                for r in range(self.world):
-                    self._read_grads(r * S + col, send[r])
-                _reduce_scatter(self.grad[col:col + width], send.view(-1), group=self.group)
-            else:
-                self._read_grads(self.shard_rank * S + col, self.grad[col:col + width])
-                if self.world > 1:
-                    dist.all_reduce(self.grad[col:col + width], group=self.group)
+    # --- gradients -----------------------------------------------------------------------------
 
-    def _sync_params(self) -> None:
-        """Write every shard's master weights into the parameters (cast to their dtype)."""
-        S = self.shard_numel
-        for col, width in self._buckets():
-            if self.n_shards > 1:
-                recv = torch.empty(self.n_shards, width, device=self.master.device)
-                _all_gather(recv.view(-1), self.master[col:col + width], group=self.group)
-                for r in range(self.n_shards):
-                    self._write_params(r * S + col, recv[r])
-            else:
-                self._write_params(col, self.master[col:col + width])
+    def _grads(self, segs) -> list[torch.Tensor]:
+        """The summed fp32 gradient of each segment: views of the reduced shard (world > 1) or of
+        p.grad (world 1, fp32), else an fp32 copy; zeros for a parameter without gradient."""
+        if self.grad is not None:
+            return [self.grad[a - self.base:b - self.base] for _, a, b in segs]
+        out = []
+        for i, a, b in segs:
+            g, off = self.params[i].grad, self.offsets[i]
+            out.append(torch.zeros(b - a, device=self.master.device) if g is None
+                       else g.reshape(-1)[a - off:b - off].float())
+        return out
 
-    def _grad_slices(self, scale: float = 1.0, coef: float = 1.0):
-        """Yield (col, fp32 gradient of shard columns [col, col+width)) bucket by bucket.
+    def _read_grads(self, lo: int, out: torch.Tensor, segs) -> None:
+        """This rank's own gradients of flat [lo, lo + len(out)) into `out` (fp32; zeros where none)."""
+        if sum(b - a for i, a, b in segs if self.params[i].grad is not None) < out.numel():
+            out.zero_()  # padding, or parameters without a gradient
+        for i, a, b in segs:
+            g, off = self.params[i].grad, self.offsets[i]
+            if g is not None:
+                out[a - lo:b - lo].copy_(g.reshape(-1)[a - off:b - off])
 
-        With several ranks these are views of the reduced self.grad (already scaled in step());
-        with one rank each bucket is read from p.grad and multiplied by `scale`, then `coef`, the
-        same operations in the same order, so the result is bitwise that of the other path.
-        """
-        for col, width in self._buckets():
-            if self.grad is not None:
-                yield col, self.grad[col:col + width]
-                continue
-            g = self._bucket_buf[:width]
-            self._read_grads(col, g)
-            if scale != 1.0:
-                g.mul_(scale)
-            if coef < 1.0:
-                g.mul_(coef)
-            yield col, g
+    def _reset_reduction(self) -> None:
+        self._ready = [False] * len(self.params)           # gradient complete in the last backward
+        self._waiting = [len(segs) for segs in self._comm]  # parameters each bucket still waits for
+        self._next = len(self._comm) - 1                    # the next bucket to start (last first)
+        self._in_flight = []                                # (flat start, buffer, [(owner, start, end, work)])
 
-    def _global_grad_norm(self, scale: float = 1.0) -> float:
-        # Sum of squares per fixed chunk, in float64. Each chunk lives on exactly one rank, so
-        # the all-reduce adds only zeros to it and the final sum runs in the same order for
-        # any world size.
-        local = torch.cat([(g.view(-1, _CHUNK) ** 2).sum(dim=1, dtype=torch.float64)
-                           for _, g in self._grad_slices(scale)])
-        rows = local.numel()
-        if self.n_shards > 1:
-            sums = torch.zeros(self.n_shards * rows, dtype=torch.float64, device=local.device)
-            sums[self.shard_rank * rows:(self.shard_rank + 1) * rows] = local
-            dist.all_reduce(sums, group=self.group)
-        else:
-            sums = local
-        # Rows past the data are all padding; leaving them out keeps the order world-independent.
-        return math.sqrt(sums[:math.ceil(self.numel / _CHUNK)].sum().item())
+    def _on_grad(self, i: int, p: torch.Tensor) -> None:
+        """Runs after parameter i's gradient was accumulated (world > 1). In the last backward of a
+        step (sync_grads) it starts, in order, the buckets whose gradients are now all there."""
+        if self._touch[i][-1] > self._next:
+            raise RuntimeError(f"{self.names[i]} got a gradient after it was reduced: set sync_grads only "
+                               "for the last backward of a step, and call step() before the next")
+        if self.sync_grads and not self._ready[i]:
+            self._ready[i] = True
+            for k in self._touch[i]:
+                self._waiting[k] -= 1
+            self._launch(in_backward=True)
+
+    def _launch(self, in_backward: bool) -> None:
+        """Start bucket reductions in order: in backward those whose gradients are complete, as long as
+        fewer than _IN_FLIGHT are in flight (never waiting); in step() all the rest."""
+        S, L = self.shard_numel, self.bucket
+        while self._next >= 0 and (not in_backward or self._waiting[self._next] == 0):
+            self._land(keep=_IN_FLIGHT if in_backward else _IN_FLIGHT - 1)
+            if len(self._in_flight) >= _IN_FLIGHT:
+                return
+            k, self._next = self._next, self._next - 1
+            lo, hi = k * L, min((k + 1) * L, self.world * S)
+            buf = torch.empty(hi - lo, device=self.master.device)
+            self._read_grads(lo, buf, self._comm[k])
+            works = []
+            for owner in range(lo // S, (hi - 1) // S + 1):     # the shards this bucket overlaps
+                a, b = max(lo, owner * S), min(hi, (owner + 1) * S)
+                works.append((owner, a, b, dist.reduce(buf[a - lo:b - lo], group_dst=owner, group=self._group,
+                                                       async_op=True)))
+            self._in_flight.append((lo, buf, works))
+
+    def _land(self, keep: int) -> None:
+        """Finish reductions oldest first: those already complete, and more (waiting) until at most `keep`
+        are in flight. The owner copies its part of the sum into self.grad."""
+        while self._in_flight and (len(self._in_flight) > keep or
+                                   all(w.is_completed() for *_, w in self._in_flight[0][2])):
+            lo, buf, works = self._in_flight.pop(0)
+            for owner, a, b, work in works:
+                work.wait()
+                if owner == self.rank:
+                    self.grad[a - self.base:b - self.base].copy_(buf[a - lo:b - lo])
+
+    def _bucket_norms(self, segs) -> list[torch.Tensor]:
+        # A function of its own, so that a bucket's gradient copies are gone before the next one's.
+        return [n for (_, a, _), g in zip(segs, self._grads(segs)) for n in _piece_norms(g, a)]
+
+    def _grad_norm(self) -> float:
+        """L2 norm of the summed gradient (before grad_scale): the pieces' norms in flat order, squared
+        and added in float64."""
+        norms = [n for segs in self.buckets for n in self._bucket_norms(segs)]
+        norms = torch.cat(norms) if norms else self.master.new_zeros(0)
+        if self.world > 1:
+            full = norms.new_zeros(self._n_norms)
+            full[self._norm0:self._norm0 + norms.numel()] = norms
+            dist.all_reduce(full, group=self._group)   # each piece has one owner: adds only zeros
+            norms = full
+        return math.sqrt(norms.double().square().sum().item())
 
     # --- the step -----------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, grad_scale: float = 1.0) -> float:
-        """Sum gradients over ranks, scale, clip, update and broadcast the new weights.
+        """Sum gradients over ranks, scale, clip, update and gather the new weights.
 
         `grad_scale` multiplies the summed gradient first: pass 1/(global supervised-token count)
         for sum-reduced losses (and also 1/loss_scale with fp16). Returns the global gradient
         norm before clipping. If it is inf or nan nothing is updated (the step is skipped and
-        not counted); the caller sees that in the returned value.
+        not counted); the caller sees that in the returned value. The update scales the gradients
+        it reads in place (with fp32 parameters on one rank: p.grad).
         """
-        stream = self.grad is None          # one rank: gradients read per bucket (see __init__)
-        if not stream:
-            self._reduce_grads()
-            if grad_scale != 1.0:
-                self.grad.mul_(grad_scale)
-        norm = self._global_grad_norm(grad_scale if stream else 1.0)
+        if self.world > 1:
+            self._launch(in_backward=False)
+            self._land(keep=0)
+            self._reset_reduction()
+        norm = grad_scale * self._grad_norm()
         if not math.isfinite(norm):
             return norm
-        coef = 1.0
+        scale = grad_scale
         if self.max_grad_norm and self.max_grad_norm > 0:
             # torch.nn.utils.clip_grad_norm_'s coefficient, applied only when it shrinks.
             coef = self.max_grad_norm / (norm + 1e-6)
-            if coef < 1.0 and not stream:
-                self.grad.mul_(coef)
+            if coef < 1.0:
+                scale *= coef
 
-        # torch.optim.AdamW, single-tensor path, in the same order of operations (per element).
+        # torch.optim.AdamW(fused=True)'s kernel. Its `grad_scale` divides the gradient (and writes
+        # the result back), so it gets 1/scale.
         self.step_count += 1
-        lr, (beta1, beta2) = self.lr, self.betas
-        bias_correction1 = 1 - beta1 ** self.step_count
-        bias_correction2 = 1 - beta2 ** self.step_count
-        step_size = lr / bias_correction1
-        for col, g in self._grad_slices(grad_scale, coef) if stream else self._grad_slices():
-            end = col + g.numel()
-            if self.weight_decay != 0:
-                for lo, hi in self.decay_ranges:
-                    if max(lo, col) < min(hi, end):
-                        self.master[max(lo, col):min(hi, end)].mul_(1 - lr * self.weight_decay)
-            master, exp_avg, exp_avg_sq = self.master[col:end], self.exp_avg[col:end], self.exp_avg_sq[col:end]
-            exp_avg.lerp_(g, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(self.eps)
-            master.addcdiv_(exp_avg, denom, value=-step_size)
-
+        self._step.fill_(self.step_count)
+        inv = None if scale == 1.0 else torch.full((), 1.0 / scale, device=self.master.device)
+        beta1, beta2 = self.betas
+        for segs, groups in zip(self.buckets, self._pieces):
+            grads = self._grads(segs)
+            for decay, (masters, exp_avgs, exp_avg_sqs, where) in groups.items():
+                torch._fused_adamw_(masters, [grads[s][x:y] for s, x, y in where], exp_avgs, exp_avg_sqs, [],
+                                    [self._step] * len(masters), lr=self.lr, beta1=beta1, beta2=beta2,
+                                    weight_decay=self.weight_decay if decay else 0.0, eps=self.eps,
+                                    amsgrad=False, maximize=False, grad_scale=inv)
+            del grads  # before the next bucket's copies exist
         self._sync_params()
         return norm
 
+    def _sync_params(self) -> None:
+        """Parameters <- masters: cast this shard into the flat buffer (unless it is the master), then
+        gather all shards."""
+        shard = self.flat[self.base:self.base + self.shard_numel]
+        if self.flat.dtype != torch.float32:
+            shard.copy_(self.master)
+        if self.world > 1:
+            _all_gather(self.flat, shard, group=self._group)
+
     def zero_grad(self) -> None:
+        """Drop the gradients (after step(), when a backward ran with sync_grads)."""
+        if self.world > 1:
+            if self._in_flight or self._next < len(self._comm) - 1:
+                raise RuntimeError("zero_grad() while gradients are being reduced: call step() first")
+            self._reset_reduction()
         for p in self.params:
             p.grad = None
 
     # --- checkpoints ----------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """This rank's shard (step, fp32 master, moments) plus the layout needed to re-partition."""
+        """This rank's shard (step, fp32 master, moments) plus the layout needed to re-partition, copied
+        to host memory tensor by tensor: no device memory is allocated (from CUDA the driver stages
+        the copy through its own pinned buffers), and later steps do not change it."""
         return {
             "step": self.step_count,
-            "master": self.master.clone(),
-            "exp_avg": self.exp_avg.clone(),
-            "exp_avg_sq": self.exp_avg_sq.clone(),
+            **{name: torch.empty(t.shape, dtype=t.dtype).copy_(t)
+               for name, t in (("master", self.master), ("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq))},
             "layout": {
-                "mode": self.mode,
+                "mode": "zero2",
                 "names": list(self.names),
                 "shapes": [list(p.shape) for p in self.params],
                 "offsets": list(self.offsets),
                 "numel": self.numel,
                 "shard_numel": self.shard_numel,
-                "n_shards": self.n_shards,
-                "shard_rank": self.shard_rank,
+                "n_shards": self.world,
+                "shard_rank": self.rank,
             },
         }
 
@@ -279,24 +372,24 @@ class ZeroAdamW:
         """Load a shard written by this same rank in the same layout. Collective."""
         layout = state["layout"]
         self._check_params(layout)
-        if (layout["n_shards"], layout["shard_rank"]) != (self.n_shards, self.shard_rank):
+        if (layout["n_shards"], layout["shard_rank"]) != (self.world, self.rank):
             raise ValueError(
                 f"state is shard {layout['shard_rank']} of {layout['n_shards']}, this optimizer "
-                f"owns shard {self.shard_rank} of {self.n_shards}; use load_sharded()")
+                f"owns shard {self.rank} of {self.world}; use load_sharded()")
         self.load_sharded([state])
 
     def load_sharded(self, states: list) -> None:
         """Load the shards of all ranks of a checkpoint (dicts or paths to `torch.save` files),
-        written by any number of ranks in either mode, re-partitioning them for this world.
+        written by any number of ranks, re-partitioning them for this world.
 
-        Collective: every rank calls it with the same list. Paths are memory-mapped, so a rank
-        reads only the parts that overlap its own shard.
+        Collective: every rank calls it with the same list. Paths are memory-mapped, and only the
+        slices that overlap this rank's shard are copied, straight into the optimizer's state.
         """
         by_shard = {}
         for s in states:
             if isinstance(s, (str, Path)):
                 s = torch.load(s, map_location="cpu", mmap=True, weights_only=True)
-            by_shard.setdefault(s["layout"]["shard_rank"], s)  # allreduce mode: identical copies
+            by_shard.setdefault(s["layout"]["shard_rank"], s)
         layout = next(iter(by_shard.values()))["layout"]
         self._check_params(layout)
         n_old, s_old = layout["n_shards"], layout["shard_numel"]
@@ -306,7 +399,7 @@ class ZeroAdamW:
         if len(steps) != 1:
             raise ValueError(f"shards disagree on the step count: {sorted(steps)}")
 
-        start = self.shard_rank * self.shard_numel
+        start = self.base
         for name in ("master", "exp_avg", "exp_avg_sq"):
             mine = getattr(self, name)
             mine.zero_()
@@ -327,6 +420,47 @@ class ZeroAdamW:
                     raise ValueError(f"optimizer state param {i} is {b[0]} {b[1]}, "
                                      f"this optimizer has {a[0]} {a[1]}")
             raise ValueError(f"optimizer state has {len(theirs)} params, this optimizer {len(mine)}")
+
+
+def memory_plan(params: Iterable, world_size: int = 1) -> dict[str, int]:
+    """Bytes per rank that `ZeroAdamW(params)` uses on the parameters' device with `world_size` ranks,
+    from shapes and dtypes alone (meta parameters work), for the memory planner.
+
+    - kept between steps: `master` (fp32 masters, only for non-fp32 parameters), `exp_avg`,
+      `exp_avg_sq`, `grad_shard` (the reduced gradient, world > 1), `padding` (the flat buffer the
+      parameters move into is padded to world_size x shard elements); `persistent` is their sum;
+    - `init`: peak while constructing, beyond the parameters' own bytes (the flat buffer is a second
+      copy of them until their old storage is freed; the state comes after);
+    - transient, on top of `persistent` and the model's parameters and gradients: `backward` (buckets
+      in flight in the last backward, world > 1), `step` (peak inside step(): at world size 1 the fp32
+      copy of one bucket of non-fp32 gradients, else the reduction buckets; plus the grad-norm
+      pieces), `save` (0: state_dict() copies straight to host memory);
+    - `save_host`: host bytes of the state_dict() copy.
+    """
+    named = _trainable(params)
+    numel = sum(p.numel() for _, p in named)
+    dtype = named[0][1].dtype
+    S = _shard_numel(numel, world_size)
+    fp32 = 4 * S
+    plan = {"master": 0 if dtype == torch.float32 else fp32, "exp_avg": fp32, "exp_avg_sq": fp32,
+            "grad_shard": fp32 if world_size > 1 else 0, "padding": (world_size * S - numel) * dtype.itemsize}
+    plan["persistent"] = sum(plan.values())
+    plan["init"] = max(world_size * S * dtype.itemsize, plan["persistent"])
+    # Norm pieces: 4 bytes each, plus the float64 copy and its square (20 in all); with several ranks
+    # also the vector of all ranks' pieces.
+    pieces, o = 0, 0
+    for _, p in named:
+        pieces, o = pieces + _n_pieces(o, o + p.numel()), o + p.numel()
+    norms = 20 * pieces if world_size == 1 else 20 * (pieces // world_size + len(named)) + 4 * pieces
+    bucket = 4 * min(_BUCKET, world_size * S)
+    plan["backward"] = _IN_FLIGHT * bucket if world_size > 1 else 0
+    if world_size > 1:
+        plan["step"] = plan["backward"] + norms
+    else:
+        plan["step"] = (0 if dtype == torch.float32 else 4 * min(_BUCKET, numel)) + norms
+    plan["save"] = 0
+    plan["save_host"] = 3 * fp32
+    return plan
 
 
 class DynamicLossScaler:

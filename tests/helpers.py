@@ -94,8 +94,6 @@ def optimizer_flat(ck: Path) -> dict[str, torch.Tensor]:
     assert shards, f"no optimizer shards in {ck}"
     numel = shards[0]["layout"]["numel"]
     out = {}
-    if shards[0]["layout"]["mode"] == "allreduce":
-        shards = shards[:1]
     for name in ("master", "exp_avg", "exp_avg_sq"):
         out[name] = torch.cat([s[name] for s in shards])[:numel]
     out["step"] = torch.tensor([s["step"] for s in shards][0])

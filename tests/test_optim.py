@@ -1,6 +1,6 @@
 """ZeroAdamW against torch.optim.AdamW, across world sizes (gloo on CPU), and across resumes.
 
-The toy model has ~5.2k trainable elements, so with 2048-element chunks the flat space really
+The toy model has ~5.1k trainable elements, so with 2048-element chunks the flat space really
 is split: params straddle shard boundaries and the last shard is short.
 """
 import math
@@ -17,10 +17,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from phi3v import dist as pdist
-from phi3v.optim import DynamicLossScaler, ZeroAdamW, lr_at
+from phi3v import optim
+from phi3v.optim import DynamicLossScaler, ZeroAdamW, lr_at, memory_plan
 
 STEPS, RESUME_AT, WARMUP, PEAK_LR, MAX_NORM = 6, 3, 2, 2e-2, 3.3
-SHAPES = {"emb": (50, 47), "w1": (61, 47), "b1": (61,), "w2": (37, 61), "b2": (37,)}
+# w2 starts off the 16-element grid, and the shard boundaries of 2 and 3 ranks cut it with a partial
+# vector on either side: the fused kernel's pieces must not follow the shards.
+SHAPES = {"emb": (50, 45), "w1": (61, 45), "b1": (61,), "w2": (37, 61), "b2": (37,)}
 
 
 def build(dtype=torch.float32) -> dict:
@@ -48,14 +51,18 @@ def micro_batch(model, step, m):
     return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"), int((labels >= 0).sum())
 
 
-def train(model, opt, start, stop, n_micro, rank=0, world=1):
-    """Global step = n_micro micro-batches; rank r takes r, r+world, ... Returns grad norms."""
+def train(model, opt, start, stop, n_micro, rank=0, world=1, sync=True):
+    """Global step = n_micro micro-batches; rank r takes r, r+world, ... (possibly none). With `sync`
+    the last backward of each step starts the gradient reduction, as train.py does; between it and
+    step() sits a collective of the loop's own, as in train.py. Returns grad norms."""
     norms = []
     for s in range(start, stop):
         opt.lr = lr_at(s, PEAK_LR, WARMUP, STEPS)
         count = 0
-        for m in range(rank, n_micro, world):
+        mine = list(range(rank, n_micro, world))
+        for m in mine:
             loss, n = micro_batch(model, s, m)
+            opt.sync_grads = sync and m == mine[-1]
             loss.backward()
             count += n
         total = pdist.all_reduce_sum(torch.tensor(count)).item()
@@ -64,8 +71,8 @@ def train(model, opt, start, stop, n_micro, rank=0, world=1):
     return norms
 
 
-def make_opt(model, mode="zero2"):
-    return ZeroAdamW(model.items(), lr=PEAK_LR, no_decay=no_decay, max_grad_norm=MAX_NORM, mode=mode)
+def make_opt(model):
+    return ZeroAdamW(model.items(), lr=PEAK_LR, no_decay=no_decay, max_grad_norm=MAX_NORM)
 
 
 def trainable(model):
@@ -227,17 +234,46 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def record_early_reductions(opt) -> list[int]:
+    """Wrap opt.step to record, per step, how many reduction buckets had started before it (in backward)."""
+    started, step = [], opt.step
+
+    def wrapped(grad_scale=1.0):
+        started.append(len(opt._comm) - 1 - opt._next)
+        return step(grad_scale)
+    opt.step = wrapped
+    return started
+
+
 def _worker(rank, world, port, tmp):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world)
     try:
+        # Two reduction buckets over the flat space (8192 elements for 2 ranks, 6144 for 3), the
+        # first straddling two shards.
+        optim._BUCKET = {2: 3 * optim._CHUNK, 3: 2 * optim._CHUNK}[world]
         out = {}
-        # Gradient accumulation over 6 micro-batches per step, split over the ranks.
-        for mode in ("zero2", "allreduce"):
+        # Gradient accumulation over 6 micro-batches per step, split over the ranks; the gradients
+        # are reduced during each rank's last backward (sync) or in step().
+        for sync in (True, False):
             model = build()
-            train(model, make_opt(model, mode), 0, STEPS, n_micro=6, rank=rank, world=world)
-            out[f"accum_{mode}"] = trainable(model)
+            opt = make_opt(model)
+            started = record_early_reductions(opt)
+            train(model, opt, 0, STEPS, n_micro=6, rank=rank, world=world, sync=sync)
+            out[f"accum_sync{sync}"], out[f"started_sync{sync}"] = trainable(model), started
+            out["n_buckets"] = len(opt._comm)
+
+        # One micro-batch per step: only rank 0 runs a backward (and reduces during it); the others
+        # reduce in step(), after the loop's all-reduce of the token count. Also with bf16
+        # parameters (fp32 masters, bf16 gradients reduced in fp32, bf16 all-gather).
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build(dtype)
+            opt = make_opt(model)
+            started = record_early_reductions(opt)
+            train(model, opt, 0, STEPS, n_micro=1, rank=rank, world=world)
+            out[f"uneven_{dtype}"], out[f"uneven_started_{dtype}"] = trainable(model), started
+            out[f"uneven_state_{dtype}"] = opt.state_dict()
 
         # Two micro-batches per step: the summed gradients are then bitwise the same for one,
         # two or three ranks, so resumed runs can be compared bitwise across world sizes.
@@ -248,10 +284,6 @@ def _worker(rank, world, port, tmp):
             torch.save(opt.state_dict(), tmp / f"ws2_rank{rank}.pt")
             train(model, opt, RESUME_AT, STEPS, n_micro=2, rank=rank, world=world)
             out["straight"], out["straight_state"] = trainable(model), opt.state_dict()
-            model = build()
-            opt = make_opt(model, mode="allreduce")
-            train(model, opt, 0, RESUME_AT, n_micro=2, rank=rank, world=world)
-            torch.save(opt.state_dict(), tmp / f"allreduce2_rank{rank}.pt")
         sources = {2: ["ws2", "ws1"], 3: ["ws2"]}[world]
         for src in sources:
             files = sorted(tmp.glob(f"{src}_rank*.pt"))
@@ -271,6 +303,25 @@ def _worker(rank, world, port, tmp):
         out["inf_norm"] = opt.step()
         out["inf_weights_unchanged"] = all(torch.equal(a, b) for a, b in
                                            zip(trainable(model).values(), trainable(build()).values()))
+
+        # sync_grads on a backward that is not the last: the next backward's gradients would miss
+        # the reduction, which is an error; step() then finishes what was started, on every rank.
+        model = build()
+        opt = make_opt(model)
+        for m in range(2):
+            loss, _ = micro_batch(model, 0, m)
+            opt.sync_grads = True
+            try:
+                loss.backward()
+            except RuntimeError as e:
+                out["misuse"] = str(e)
+        opt.step()
+
+        # Device memory of the optimizer, measured, against the planner's figures.
+        out["plan"] = memory_plan([p for p in build().values() if p.requires_grad], world)
+        (params, opt), out["allocated"], _ = allocations(
+            lambda: (ps := [p for p in build().values() if p.requires_grad], ZeroAdamW(ps, lr=PEAK_LR)))
+        out["weights"] = sum(p.numel() for p in params) * 4     # the parameters, now in opt.flat
         torch.save(out, tmp / f"out_ws{world}_rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -291,12 +342,16 @@ def runs(tmp_path_factory):
 
 def _runs(tmp):
     res = {1: {}}
-    for n_micro in (6, 2):
+    for n_micro in (6, 2, 1):
         model = build()
         opt = make_opt(model)
         train(model, opt, 0, STEPS, n_micro=n_micro)
         res[1][f"accum_{n_micro}"] = trainable(model)
         res[1][f"state_{n_micro}"] = opt.state_dict()
+    model = build(torch.bfloat16)
+    opt = make_opt(model)
+    train(model, opt, 0, STEPS, n_micro=1)
+    res[1]["accum_1_bf16"], res[1]["state_1_bf16"] = trainable(model), opt.state_dict()
     model = build()
     opt = make_opt(model)
     train(model, opt, 0, RESUME_AT, n_micro=2)
@@ -304,22 +359,51 @@ def _runs(tmp):
     for world in (2, 3):
         mp.spawn(_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
         res[world] = [torch.load(tmp / f"out_ws{world}_rank{r}.pt") for r in range(world)]
-    # 2 ranks -> 1 rank, in process; also from the allreduce mode's (replicated) state.
-    for src in ("ws2", "allreduce2"):
-        model = build()
-        opt = make_opt(model)
-        opt.load_sharded([tmp / f"{src}_rank0.pt", tmp / f"{src}_rank1.pt"])
-        train(model, opt, RESUME_AT, STEPS, n_micro=2)
-        res[1][f"from_{src}"], res[1][f"from_{src}_state"] = trainable(model), opt.state_dict()
+    # 2 ranks -> 1 rank, in process.
+    model = build()
+    opt = make_opt(model)
+    opt.load_sharded([tmp / "ws2_rank0.pt", tmp / "ws2_rank1.pt"])
+    train(model, opt, RESUME_AT, STEPS, n_micro=2)
+    res[1]["from_ws2"], res[1]["from_ws2_state"] = trainable(model), opt.state_dict()
     return res
 
 
 @pytest.mark.parametrize("world", [2, 3])
-@pytest.mark.parametrize("mode", ["zero2", "allreduce"])
-def test_world_sizes_agree_with_accumulation(runs, world, mode):
+def test_world_sizes_agree_with_accumulation(runs, world):
     for r in range(world):  # every rank ends with the full, identical parameters
-        assert_equal_dicts(runs[world][r][f"accum_{mode}"], runs[world][0][f"accum_{mode}"])
-    assert_equal_dicts(runs[world][0][f"accum_{mode}"], runs[1]["accum_6"], exact=False)
+        for sync in (True, False):  # and reducing during backward changes no bit
+            assert_equal_dicts(runs[world][r][f"accum_sync{sync}"], runs[world][0]["accum_syncTrue"])
+    assert_equal_dicts(runs[world][0]["accum_syncTrue"], runs[1]["accum_6"], exact=False)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_reduction_starts_during_the_last_backward(runs, world):
+    for r in range(world):
+        out = runs[world][r]
+        assert out["n_buckets"] == 2
+        assert out["started_syncTrue"] == [2] * STEPS     # every bucket started before step()
+        assert out["started_syncFalse"] == [0] * STEPS    # without sync_grads, all in step()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_without_backward_reduces_in_step(runs, world, dtype):
+    """Rank 0 reduces during its backward, the others (no micro-batch) only in step(), after the loop's
+    all-reduce: no deadlock, and bitwise the one-rank result (the others add zero gradients)."""
+    one = {torch.float32: ("accum_1", "state_1"), torch.bfloat16: ("accum_1_bf16", "state_1_bf16")}[dtype]
+    assert runs[world][0][f"uneven_started_{dtype}"] == [2] * STEPS
+    for r in range(world):
+        if r:
+            assert runs[world][r][f"uneven_started_{dtype}"] == [0] * STEPS
+        assert_equal_dicts(runs[world][r][f"uneven_{dtype}"], runs[1][one[0]])
+    assert_equal_dicts(merged([runs[world][r][f"uneven_state_{dtype}"] for r in range(world)]),
+                       merged([runs[1][one[1]]]))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_gradient_after_its_reduction_is_an_error(runs, world):
+    for r in range(world):
+        assert "after it was reduced" in runs[world][r]["misuse"]
 
 
 def test_shards_are_uneven_and_split_params(runs):
@@ -346,13 +430,6 @@ def test_resume_two_ranks_on_one_is_bitwise(runs):
                        merged([runs[2][r]["straight_state"] for r in range(2)]))
 
 
-def test_resume_from_allreduce_mode_state(runs):
-    assert runs[1]["from_allreduce2_state"]["layout"]["mode"] == "zero2"
-    assert_equal_dicts(runs[1]["from_allreduce2"], runs[2][0]["straight"])
-    assert_equal_dicts(merged([runs[1]["from_allreduce2_state"]]),
-                       merged([runs[2][r]["straight_state"] for r in range(2)]))
-
-
 def test_resume_one_rank_on_two_is_bitwise(runs):
     for r in range(2):
         assert_equal_dicts(runs[2][r]["from_ws1"], runs[1]["accum_2"])
@@ -375,6 +452,16 @@ def test_inf_on_one_rank_skips_everywhere(runs, world):
         assert runs[world][r]["inf_weights_unchanged"]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_memory_plan_several_ranks(runs, world):
+    """Persistent bytes per rank (masters none: fp32; moments and reduced-gradient shard; padding)."""
+    for r in range(world):
+        plan, allocated = runs[world][r]["plan"], runs[world][r]["allocated"]
+        assert plan["grad_shard"] == plan["exp_avg"] and plan["master"] == 0
+        allocated -= runs[world][r]["weights"]
+        assert abs(allocated - plan["persistent"]) <= 0.03 * plan["persistent"], (allocated, plan)
+
+
 # --- dist helpers -------------------------------------------------------------------------------
 
 def test_dist_helpers_world_of_one(monkeypatch):
@@ -383,7 +470,6 @@ def test_dist_helpers_world_of_one(monkeypatch):
     assert pdist.rank() == 0 and pdist.world_size() == 1 and pdist.is_main()
     t = torch.tensor([3.0])
     assert pdist.all_reduce_sum(t) is t and t.item() == 3.0
-    assert pdist.broadcast_object({"a": 1}) == {"a": 1}
     pdist.barrier()
     pdist.cleanup()
 
@@ -391,8 +477,7 @@ def test_dist_helpers_world_of_one(monkeypatch):
 def test_dist_init_from_torchrun_env():
     script = ("import torch; from phi3v import dist; dist.init(); "
               "t = dist.all_reduce_sum(torch.tensor([dist.rank() + 1.0])); "
-              "o = dist.broadcast_object('from %d' % dist.rank()); dist.barrier(); "
-              "print(dist.world_size(), t.item(), o); dist.cleanup()")
+              "dist.barrier(); print(dist.world_size(), t.item()); dist.cleanup()")
     port = str(_free_port())
     procs = []
     for r in range(2):
@@ -403,29 +488,145 @@ def test_dist_init_from_torchrun_env():
                                       stdout=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=60)[0].strip() for p in procs]
     assert [p.returncode for p in procs] == [0, 0]
-    assert outs == ["2 3.0 from 0", "2 3.0 from 0"]
+    assert outs == ["2 3.0", "2 3.0"]
 
 
-def test_world1_streamed_buckets_bitwise_equal_one_bucket():
-    """One rank reads gradients bucket by bucket (no full fp32 copy); the bucket size must not
-    change a single bit: decay ranges and the chunked norm cross bucket boundaries here."""
-    from phi3v.optim import _CHUNK
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_world1_bucket_size_changes_no_bit(monkeypatch, dtype):
+    """One rank works bucket by bucket (bf16: an fp32 copy of one bucket of gradients at a time). The
+    bucket size must not change a single bit: parameters, decay groups, norm chunks and the fused
+    kernel's 16-element pieces all cross bucket boundaries here."""
     torch.manual_seed(0)
     shapes = [(37, 300), (5000,), (64, 129), (3,)]
-    base = [torch.randn(s) for s in shapes]
+    base = [torch.randn(s).to(dtype) for s in shapes]
     runs = []
-    for bucket in (None, _CHUNK):
+    for bucket in (optim._BUCKET, optim._CHUNK):
+        monkeypatch.setattr(optim, "_BUCKET", bucket)
         params = [torch.nn.Parameter(b.clone()) for b in base]
         opt = ZeroAdamW(params, lr=1e-2, weight_decay=0.1, no_decay=[params[1]], max_grad_norm=0.5)
-        if bucket:
-            opt.bucket = bucket
-        assert opt.grad is None and len(list(opt._buckets())) == (1 if bucket is None else opt.shard_numel // _CHUNK)
+        assert opt.grad is None and len(opt.buckets) == (1 if bucket > opt.numel else opt.shard_numel // bucket)
         g = torch.Generator().manual_seed(1)
         for _ in range(4):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=g) * 3
+                p.grad = (torch.randn(p.shape, generator=g) * 3).to(dtype)
             opt.step(grad_scale=0.25)
             opt.zero_grad()
-        runs.append([p.detach().clone() for p in params] + [opt.exp_avg.clone(), opt.exp_avg_sq.clone()])
+        runs.append([p.detach().clone() for p in params] + [opt.master.clone(), opt.exp_avg.clone(),
+                                                              opt.exp_avg_sq.clone()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_fp32_params_are_their_own_masters():
+    """fp32 parameters become views of the flat buffer whose shard is the master: nothing copied,
+    nothing written back; bf16 ones keep an fp32 master. One rank holds no gradient buffer."""
+    model = build()
+    opt = make_opt(model)
+    assert opt.grad is None and opt.flat.dtype == torch.float32
+    assert opt.master.data_ptr() == opt.flat.data_ptr() == model["w1"].data_ptr()
+    for n, off in zip(opt.names, opt.offsets):
+        assert model[n].data_ptr() == opt.flat[off:].data_ptr()
+    train(model, opt, 0, 2, n_micro=2)
+    assert torch.equal(merged([opt.state_dict()])["master"][opt.offsets[2]:opt.offsets[3]],
+                       model["w2"].detach().view(-1))
+    bf = build(torch.bfloat16)
+    opt = make_opt(bf)
+    assert opt.flat.dtype == torch.bfloat16 and opt.master.dtype == torch.float32
+    assert opt.master.data_ptr() != opt.flat.data_ptr()
+
+
+def test_rejects_mixed_dtypes():
+    model = build()
+    model["b2"].data = model["b2"].data.bfloat16()
+    with pytest.raises(ValueError, match="one dtype"):
+        make_opt(model)
+
+
+def test_missing_gradient_counts_as_zero():
+    a, b = build(), build()
+    opt_a, opt_b = make_opt(a), make_opt(b)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for n in ("w1", "b1", "w2"):
+            a[n].grad = torch.randn(a[n].shape, generator=g)
+            b[n].grad = a[n].grad.clone()
+        b["b2"].grad = torch.zeros_like(b["b2"])   # a["b2"] gets none
+        assert opt_a.step() == opt_b.step()
+        opt_a.zero_grad()
+        opt_b.zero_grad()
+    assert_equal_dicts(trainable(a), trainable(b))
+    assert_equal_dicts(merged([opt_a.state_dict()]), merged([opt_b.state_dict()]))
+
+
+# --- memory: what the planner is told, against what is allocated --------------------------------
+
+def allocations(fn):
+    """(fn(), net bytes, peak bytes) of CPU memory allocated while fn runs. The profiler's memory
+    tracking reports every allocation and free of torch's CPU allocator, kernel temporaries included."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    total = peak = 0
+    for e in events:
+        total += e.nbytes()
+        peak = max(peak, total)
+    return out, total, peak
+
+
+def big_params(dtype):
+    """About 1.1M elements in odd shapes (no parameter 16-element aligned), decay and no-decay."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(1021, 517), (517,), (333, 1013), (1013,), (77, 3)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_memory_plan_matches_allocations(monkeypatch, dtype):
+    """ZeroAdamW's persistent state, step() peak and state_dict() peak as measured on CPU, against
+    memory_plan (computed from meta parameters), within 3% (plus 4 KiB of small tensors)."""
+    monkeypatch.setattr(optim, "_BUCKET", 1 << 16)     # several buckets: the bf16 step copies one at a time
+    plan = memory_plan([torch.nn.Parameter(p.detach().to("meta")) for p in big_params(dtype)])
+    assert plan == memory_plan(big_params(dtype))
+
+    def close(measured, planned):
+        assert abs(measured - planned) <= 0.03 * planned + 4096, (measured, planned)
+
+    # Built inside the measurement, so that freeing the parameters' old storage is seen too.
+    (params, opt), net, peak = allocations(
+        lambda: (ps := big_params(dtype), ZeroAdamW(ps, lr=1e-3, no_decay=lambda n, p: p.dim() < 2)))
+    weights = sum(p.numel() for p in params) * dtype.itemsize     # the parameters, now in opt.flat
+    close(net - weights, plan["persistent"])
+    close(peak - weights, plan["init"])
+    for p in params:
+        p.grad = torch.randn(p.shape).to(dtype)
+    norm, net, peak = allocations(opt.step)
+    assert 0 < norm < float("inf") and opt.step_count == 1
+    close(peak, plan["step"])
+    assert net <= 4096                                    # nothing kept (a few scalars)
+    state, net, peak = allocations(opt.state_dict)
+    assert net == peak == plan["save_host"]               # the state itself and nothing more
+    assert plan["save"] == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_is_a_snapshot_with_no_transient(monkeypatch, dtype):
+    """state_dict() allocates its result and nothing beyond it (the bound asked: one bucket), and a
+    later step does not change it."""
+    monkeypatch.setattr(optim, "_BUCKET", 1 << 16)
+    params = big_params(dtype)
+    opt = ZeroAdamW(params, lr=1e-3)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn(p.shape).to(dtype)
+        opt.step()
+    state, net, peak = allocations(opt.state_dict)
+    size = sum(t.numel() * t.element_size() for t in state.values() if isinstance(t, torch.Tensor))
+    assert size == 3 * 4 * opt.shard_numel and net == size
+    assert peak - size <= 4 * optim._BUCKET
+    assert peak == size
+    before = {k: v.clone() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    opt.step()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+    assert not torch.equal(opt.exp_avg, before["exp_avg"])
