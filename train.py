@@ -78,6 +78,9 @@ class TrainConfig:
         "help": "activation recomputation: auto (CUDA default: the fastest that the memory plan fits), none, "
                 "selective, full (CPU default)", "choices": ["auto", "none", "selective", "full"]})
     tf32: bool = field(default=True, metadata={"help": "TF32 matmuls on CUDA (--no_tf32 turns them off)"})
+    offload_optimizer: str = field(default="auto", metadata={
+        "help": "optimizer state (fp32 masters, moments) in host memory, updated on the CPU; auto: on for "
+                "LoRA/QLoRA with >= 32 micro-batches per optimizer step and rank", "choices": ["auto", "on", "off"]})
     batch_size: int = field(default=64, metadata={"help": "global batch (samples per optimizer step)"})
     micro_batch_size: int = field(default=1, metadata={"help": "samples per forward on one GPU",
                                                        "aliases": ["--batch_size_per_gpu"]})
@@ -255,7 +258,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Phi3V:
                    lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, adapter=cfg.adapter, seed=cfg.seed)
 
 
-def plan_memory(cfg: TrainConfig, model: Phi3V, ds: JsonlDataset, pad_id: int, device: torch.device, log) -> str:
+def plan_memory(cfg: TrainConfig, model: Phi3V, ds: JsonlDataset, pad_id: int, device: torch.device,
+                offload: bool, log) -> str:
     """The recomputation policy to train with, and the memory plan's prediction for it (phi3v.memory:
     one step of this run's longest micro-batch on the meta device). With --recompute auto the fastest
     policy whose plan fits the GPU's free memory; a run predicted not to fit says so and names the
@@ -268,7 +272,8 @@ def plan_memory(cfg: TrainConfig, model: Phi3V, ds: JsonlDataset, pad_id: int, d
         return "full" if cfg.recompute == "auto" else cfg.recompute
     batch_of = lambda n: collate([sample] * n, pad_id, pack=cfg.packing)       # noqa: E731
     kw = dict(mode=cfg.mode, freeze_vision=cfg.freeze_vision, world_size=dist.world_size(), dtype=cfg.dtype,
-              config=model.config, lora_rank=cfg.lora_rank, batch=batch_of(cfg.micro_batch_size))
+              config=model.config, lora_rank=cfg.lora_rank, batch=batch_of(cfg.micro_batch_size),
+              offload_optimizer=offload)
     # the plan counts the weights, which are on the GPU already: the budget is free + ours
     budget = (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)) / 1e9 \
         if device.type == "cuda" else None
@@ -526,15 +531,19 @@ def main(cfg: TrainConfig) -> None:
         return dist.cleanup()
 
     train_ds = load_train_data(cfg, proc, log)
-    recompute = plan_memory(cfg, model, train_ds, proc.pad_token_id, device, log)
+    offload = cfg.offload_optimizer == "on" or (cfg.offload_optimizer == "auto" and memory.offload_by_default(
+        cfg.mode, cfg.batch_size, cfg.micro_batch_size, world))
+    recompute = plan_memory(cfg, model, train_ds, proc.pad_token_id, device, offload, log)
     model.configure_training(recompute=recompute, compile=cfg.compile)
     log(f"speed settings: {str(cfg.dtype).replace('torch.', '')}, compile {'on' if cfg.compile else 'off'}, "
         f"recompute {recompute}" + (" (auto)" if cfg.recompute == "auto" else "")
-        + (f", TF32 {'on' if cfg.tf32 else 'off'}" if device.type == "cuda" else ""))
+        + (f", TF32 {'on' if cfg.tf32 else 'off'}" if device.type == "cuda" else "")
+        + f", optimizer state {'in host memory' if offload else 'on ' + device.type}"
+        + (" (auto)" if cfg.offload_optimizer == "auto" else ""))
     sampler = StepSampler(train_ds.lengths, cfg.batch_size, cfg.micro_batch_size, dist.rank(), world, cfg.seed)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_train_epochs * sampler.steps_per_epoch))
     opt = ZeroAdamW(named, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, no_decay=no_decay,
-                    max_grad_norm=cfg.max_grad_norm)
+                    max_grad_norm=cfg.max_grad_norm, offload=offload)
     scaler = DynamicLossScaler(enabled=cfg.fp16)     # fp16 only; otherwise scale 1, never an overflow
     start_step, history = resume(cfg, opt, scaler, total_steps, log) if cfg.resume else (0, [])
     if start_step >= total_steps:

@@ -5,8 +5,9 @@
 The model is built on the meta device (shapes, no data), set up exactly as train.py does
 (`finetune.prepare`, `Phi3V.configure_training`) and runs train.py's micro-step
 (`Phi3V.training_loss` + backward) twice, as gradient accumulation does, under a tracker of live
-storages. Parameters, gradients and the optimizer's state for this world size are added, and the
-optimizer step and a checkpoint save are accounted too. Figures are decimal GB (bytes / 1e9), the
+storages. Parameters, gradients and the optimizer's state for this world size are added
+(`optim.memory_plan`), and the optimizer's construction, its step and a checkpoint save are
+accounted too. Figures are decimal GB (bytes / 1e9), the
 unit of `torch.cuda.max_memory_allocated() / 1e9` that bench/ reports. Every allocation is rounded
 up to 512 bytes, as the CUDA caching allocator does. Attention on meta tensors runs the kernel a GPU
 runs (flash, or memory-efficient with a mask: model.attention), not the math fallback.
@@ -28,6 +29,7 @@ from .config import CROP, Phi3VConfig, crop_grid_tokens
 from .data import to_device, training_inputs
 from .finetune import MODES, prepare
 from .model import Phi3V
+from .optim import memory_plan as optimizer_memory_plan
 
 GB = 1e9
 BLOCK = 512        # the CUDA caching allocator's size granularity
@@ -39,6 +41,14 @@ TASK_SAMPLES = {
     "nlvr2": (2, (3, 5), 16, 60, 4),
     "ucf101": (8, (2, 2), 4, 60, 4),         # 8 frames at num_crops 4: 8 x 757 + 60 = 6116 tokens
 }
+
+
+def offload_by_default(mode: str, batch_size: int, micro_batch_size: int, world_size: int) -> bool:
+    """`--offload_optimizer auto`: LoRA/QLoRA that accumulate at least 32 micro-batches per optimizer
+    step on each rank keep the optimizer state in host memory. The host-side update and the two copies
+    then cost a few per cent of a step, and 12 bytes per trainable parameter leave the GPU (for rank
+    64 on the LM linears 1.2 GB); with fewer micro-batches, or full fine-tuning, the cost is not small."""
+    return mode in ("lora", "qlora") and batch_size // (micro_batch_size * world_size) >= 32
 
 
 def largest_grid(num_crops: int) -> tuple[int, int]:
@@ -134,22 +144,11 @@ def nbytes(tensors) -> int:
     return total
 
 
-def optimizer_bytes(params: list[torch.Tensor], world_size: int = 1) -> dict:
-    """ZeroAdamW's memory on one rank, from shapes and dtypes: persistent state (fp32 masters of
-    non-fp32 parameters, two fp32 moments, the reduced gradient shard with several ranks), and the
-    step's and a checkpoint save's transient peaks."""
-    numel = sum(p.numel() for p in params)
-    shard = -(-numel // world_size)
-    low = sum(p.numel() for p in params if p.dtype != torch.float32)
-    masters = -(-low // world_size) * 4
-    state = masters + 2 * shard * 4 + (shard * 4 if world_size > 1 else 0)
-    return {"state": state, "step_transient": 0, "save_transient": 0}
-
-
 def estimate(mode: str = "lora", freeze_vision: bool = False, task: str = "docvqa", num_crops: int | None = None,
              tokens: int | None = None, micro_batch_size: int = 1, recompute: str = "full", world_size: int = 1,
              dtype: torch.dtype = torch.bfloat16, config: Phi3VConfig | None = None, lora_rank: int = 64,
-             lora_targets: list[str] | None = None, batch: dict | None = None, device: str = "meta") -> dict:
+             lora_targets: list[str] | None = None, batch: dict | None = None, device: str = "meta",
+             offload_optimizer: bool = False) -> dict:
     """Predicted peak (decimal GB) of a training step of `mode` on one rank, with its breakdown:
     weights (frozen parameters and buffers), trainable_params, gradients, optimizer_state (this
     rank's shard), activations (held for backward at the end of the forward), transient (the rest of
@@ -175,7 +174,7 @@ def estimate(mode: str = "lora", freeze_vision: bool = False, task: str = "docvq
     if batch is None:
         batch = sample_batch(cfg, task, num_crops, tokens, micro_batch_size)
     batch = to_device(batch, torch.device(device))
-    opt = optimizer_bytes(trainable, world_size)
+    opt = optimizer_memory_plan(trainable, world_size, offload_optimizer)   # ZeroAdamW's accounting, from shapes
 
     weights, params = nbytes(frozen), nbytes(trainable)
     tracker = LiveBytes(existing=frozen + trainable + [v for v in batch.values() if torch.is_tensor(v)])
@@ -189,20 +188,22 @@ def estimate(mode: str = "lora", freeze_vision: bool = False, task: str = "docvq
     # micro-step 1 creates the gradients during backward; every later micro-step of an accumulation
     # runs with all of them already there: its peak is the step's other memory + all gradients
     during_step = max(tracker.peak() - grads, tracker.peak(leave_out=grad_keys))
-    persistent = weights + params + grads + opt["state"]
-    phases = {"micro_step": persistent + during_step,
-              "optimizer_step": persistent + opt["step_transient"],
-              "checkpoint_save": persistent + opt["save_transient"]}
+    persistent = weights + params + grads + opt["persistent"]
+    phases = {"optimizer_init": weights + params + opt["init"],
+              "micro_step": persistent + during_step + opt["backward"],
+              "optimizer_step": persistent + opt["step"],
+              "checkpoint_save": persistent + opt["save"]}
     peak = max(phases.values())
-    activations = min(activations, during_step)
+    activations = min(activations, during_step) if phases["micro_step"] == peak else 0
     breakdown = {"weights": weights, "trainable_params": params, "gradients": grads,
-                 "optimizer_state": opt["state"], "activations": activations,
+                 "optimizer_state": opt["persistent"], "activations": activations,
                  "transient": peak - persistent - activations}
     return {"peak_gb": peak / GB, "breakdown": {k: v / GB for k, v in breakdown.items()},
             "phases": {k: v / GB for k, v in phases.items()}, "peak_phase": max(phases, key=phases.get),
             "config": {"mode": mode, "freeze_vision": freeze_vision, "task": task, "num_crops": num_crops,
                        "tokens": int(batch["input_ids"].shape[1]), "micro_batch_size": int(batch["input_ids"].shape[0]),
                        "recompute": recompute, "world_size": world_size, "dtype": str(dtype).replace("torch.", ""),
+                       "offload_optimizer": offload_optimizer, "host_optimizer_gb": opt["host"] / GB,
                        "trainable_params": sum(p.numel() for p in trainable)}}
 
 
@@ -210,8 +211,8 @@ def advise(budget_gb: float, batch_for=None, **kw) -> str | None:
     """The cheapest single change to `estimate(**kw)`'s configuration that the plan fits into
     `budget_gb`, as a flag to use ("--recompute full (9.87 GB)"), or None. Tried in this order, from
     the least to the most training speed (or adaptation capacity) given up: more recomputation, a
-    smaller micro-batch (`batch_for(n)` builds one of n samples), QLoRA instead of LoRA, LoRA instead
-    of full fine-tuning, a frozen vision tower."""
+    smaller micro-batch (`batch_for(n)` builds one of n samples), the optimizer state in host memory,
+    QLoRA instead of LoRA, LoRA instead of full fine-tuning, a frozen vision tower."""
     order = {"none": ["selective", "full"], "selective": ["full"], "full": []}[kw.get("recompute", "full")]
     tries = [(f"--recompute {r}", {"recompute": r}) for r in order]
     micro = kw.get("micro_batch_size", 1) if batch_for is None else int(kw["batch"]["input_ids"].shape[0])
@@ -219,6 +220,8 @@ def advise(budget_gb: float, batch_for=None, **kw) -> str | None:
         micro //= 2
         tries.append((f"--micro_batch_size {micro}", {"micro_batch_size": micro} if batch_for is None
                       else {"batch": batch_for(micro)}))
+    if not kw.get("offload_optimizer"):
+        tries.append(("--offload_optimizer on", {"offload_optimizer": True}))
     mode = kw.get("mode", "lora")
     tries += [("--qlora", {"mode": "qlora"})] if mode == "lora" else [("--lora", {"mode": "lora"})] if mode == "full" else []
     if not kw.get("freeze_vision"):
@@ -238,18 +241,30 @@ def main(argv=None) -> int:
     p.add_argument("--num_crops", type=int, help="each image at the largest grid of this many crops")
     p.add_argument("--tokens", type=int, help="total tokens per sample (text fills what the images leave)")
     p.add_argument("--micro_batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=64, help="global batch: decides --offload_optimizer auto")
+    p.add_argument("--offload_optimizer", choices=["auto", "on", "off"], default="auto",
+                   help="optimizer state in host memory (auto: LoRA/QLoRA with >= 32 micro-batches per step)")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="full")
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--lora_rank", type=int, default=64)
     prec = p.add_mutually_exclusive_group()
     for name in ("bf16", "fp16", "fp32"):
         prec.add_argument(f"--{name}", dest="dtype", action="store_const", const=name)
+    p.add_argument("--gpu_memory", type=float, help="GB the GPU has: say whether it fits, else the cheapest change")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype or "bf16"]
+    offload = a.offload_optimizer == "on" or (a.offload_optimizer == "auto" and offload_by_default(
+        a.mode, a.batch_size, a.micro_batch_size, a.world_size))
     try:
         plan = estimate(a.mode, a.freeze_vision, a.task, a.num_crops, a.tokens, a.micro_batch_size, a.recompute,
-                        a.world_size, dtype, lora_rank=a.lora_rank)
+                        a.world_size, dtype, lora_rank=a.lora_rank, offload_optimizer=offload)
+        if a.gpu_memory is not None:
+            plan["fits"] = plan["peak_gb"] <= a.gpu_memory
+            plan["advice"] = None if plan["fits"] else advise(
+                a.gpu_memory, mode=a.mode, freeze_vision=a.freeze_vision, task=a.task, num_crops=a.num_crops,
+                tokens=a.tokens, micro_batch_size=a.micro_batch_size, recompute=a.recompute,
+                world_size=a.world_size, dtype=dtype, lora_rank=a.lora_rank, offload_optimizer=offload)
     except ValueError as e:
         sys.stderr.write(f"python -m phi3v.memory: error: {e}\n")
         return 2
@@ -258,10 +273,14 @@ def main(argv=None) -> int:
         return 0
     c = plan["config"]
     print(f"{c['mode']}{' (vision frozen)' if c['freeze_vision'] else ''}, {c['task']}: {c['micro_batch_size']} x "
-          f"{c['tokens']} tokens, recompute {c['recompute']}, {c['dtype']}, world size {c['world_size']}")
+          f"{c['tokens']} tokens, recompute {c['recompute']}, {c['dtype']}, world size {c['world_size']}"
+          + (f", optimizer state in host memory ({c['host_optimizer_gb']:.2f} GB)" if c["offload_optimizer"] else ""))
     for k, v in plan["breakdown"].items():
         print(f"  {k:18} {v:8.2f} GB")
     print(f"  {'peak':18} {plan['peak_gb']:8.2f} GB   (during the {plan['peak_phase'].replace('_', ' ')})")
+    if "fits" in plan:
+        print(f"fits in {a.gpu_memory:g} GB" if plan["fits"] else f"does not fit in {a.gpu_memory:g} GB: "
+              + (f"the cheapest change that fits is {plan['advice']}" if plan["advice"] else "no single change fits"))
     return 0
 
 

@@ -109,12 +109,16 @@ class ZeroAdamW:
     `no_decay`: parameters excluded from weight decay, as a collection of parameters or a predicate
     `(name, param) -> bool`. A parameter without a gradient in a step counts as a zero gradient (DDP
     does the same). `sync_grads`: set it for the last backward of each step (module docstring).
+    `offload`: keep the fp32 masters and moments in host memory and run the update on the CPU (the
+    same fused kernel): the GPU then holds only the parameters and their gradients. It moves the
+    shard's gradients to the host and the new weights back once per step, which costs little when
+    a step accumulates many micro-batches (LoRA: 12 bytes per trainable parameter off the GPU).
     """
 
     def __init__(self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.95),
                  eps: float = 1e-7, weight_decay: float = 0.01,
                  no_decay: Collection | Callable | None = None, max_grad_norm: float = 1.0,
-                 process_group=None):
+                 process_group=None, offload: bool = False):
         named = _trainable(params)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -148,10 +152,14 @@ class ZeroAdamW:
             view.copy_(p.detach().view(-1))
             p.data = view.view(p.shape)
         shard = self.flat[self.base:self.base + S]
-        self.master = shard if dtype == torch.float32 else shard.float()   # [S] fp32
-        self.exp_avg = torch.zeros(S, device=device)
-        self.exp_avg_sq = torch.zeros(S, device=device)
-        self._step = torch.zeros((), device=device)      # the fused kernel reads the step count from here
+        self.offload = offload
+        state_device = torch.device("cpu") if offload else device       # where the update runs
+        # [S] fp32 masters: the shard itself when it is fp32 on the same device, else a copy
+        self.master = shard if dtype == torch.float32 and not offload else \
+            shard.to(state_device, torch.float32, copy=True)
+        self.exp_avg = torch.zeros(S, device=state_device)
+        self.exp_avg_sq = torch.zeros(S, device=state_device)
+        self._step = torch.zeros((), device=state_device)   # the fused kernel reads the step count here
 
         # The shard as (param index, flat start, flat end) segments, bucket by bucket (a bucket bounds
         # the fp32 gradient copies of non-fp32 parameters at world size 1), and the fused kernel's
@@ -200,17 +208,22 @@ class ZeroAdamW:
 
     # --- gradients -----------------------------------------------------------------------------
 
-    def _grads(self, segs) -> list[torch.Tensor]:
-        """The summed fp32 gradient of each segment: views of the reduced shard (world > 1) or of
-        p.grad (world 1, fp32), else an fp32 copy; zeros for a parameter without gradient."""
+    def _device_grads(self, segs) -> list[torch.Tensor]:
+        """The summed gradient of each segment where it is: views of the reduced shard (world > 1) or of
+        p.grad (world 1); zeros for a parameter without gradient."""
         if self.grad is not None:
             return [self.grad[a - self.base:b - self.base] for _, a, b in segs]
         out = []
         for i, a, b in segs:
             g, off = self.params[i].grad, self.offsets[i]
-            out.append(torch.zeros(b - a, device=self.master.device) if g is None
-                       else g.reshape(-1)[a - off:b - off].float())
+            out.append(torch.zeros(b - a, device=self.flat.device) if g is None else g.reshape(-1)[a - off:b - off])
         return out
+
+    def _grads(self, segs) -> list[torch.Tensor]:
+        """The fp32 gradient of each segment where the update runs: the views themselves (fp32 on the
+        same device), else copies (to host memory first with offload, so no fp32 copy of non-fp32
+        gradients ever exists on the GPU)."""
+        return [g.to(self.master.device).float() for g in self._device_grads(segs)]
 
     def _read_grads(self, lo: int, out: torch.Tensor, segs) -> None:
         """This rank's own gradients of flat [lo, lo + len(out)) into `out` (fp32; zeros where none)."""
@@ -271,13 +284,13 @@ class ZeroAdamW:
 
     def _bucket_norms(self, segs) -> list[torch.Tensor]:
         # A function of its own, so that a bucket's gradient copies are gone before the next one's.
-        return [n for (_, a, _), g in zip(segs, self._grads(segs)) for n in _piece_norms(g, a)]
+        return [n for (_, a, _), g in zip(segs, self._device_grads(segs)) for n in _piece_norms(g.float(), a)]
 
     def _grad_norm(self) -> float:
         """L2 norm of the summed gradient (before grad_scale): the pieces' norms in flat order, squared
         and added in float64."""
         norms = [n for segs in self.buckets for n in self._bucket_norms(segs)]
-        norms = torch.cat(norms) if norms else self.master.new_zeros(0)
+        norms = torch.cat(norms) if norms else self.flat.new_zeros(0, dtype=torch.float32)
         if self.world > 1:
             full = norms.new_zeros(self._n_norms)
             full[self._norm0:self._norm0 + norms.numel()] = norms
@@ -332,7 +345,7 @@ class ZeroAdamW:
         """Parameters <- masters: cast this shard into the flat buffer (unless it is the master), then
         gather all shards."""
         shard = self.flat[self.base:self.base + self.shard_numel]
-        if self.flat.dtype != torch.float32:
+        if shard.data_ptr() != self.master.data_ptr():
             shard.copy_(self.master)
         if self.world > 1:
             _all_gather(self.flat, shard, group=self._group)
@@ -422,9 +435,10 @@ class ZeroAdamW:
             raise ValueError(f"optimizer state has {len(theirs)} params, this optimizer {len(mine)}")
 
 
-def memory_plan(params: Iterable, world_size: int = 1) -> dict[str, int]:
-    """Bytes per rank that `ZeroAdamW(params)` uses on the parameters' device with `world_size` ranks,
-    from shapes and dtypes alone (meta parameters work), for the memory planner.
+def memory_plan(params: Iterable, world_size: int = 1, offload: bool = False) -> dict[str, int]:
+    """Bytes per rank that `ZeroAdamW(params, offload=offload)` uses on the parameters' device with
+    `world_size` ranks, from shapes and dtypes alone (meta parameters work), for the memory planner.
+    With offload, masters and moments are in host memory (`host`), not counted on the device.
 
     - kept between steps: `master` (fp32 masters, only for non-fp32 parameters), `exp_avg`,
       `exp_avg_sq`, `grad_shard` (the reduced gradient, world > 1), `padding` (the flat buffer the
@@ -442,9 +456,12 @@ def memory_plan(params: Iterable, world_size: int = 1) -> dict[str, int]:
     dtype = named[0][1].dtype
     S = _shard_numel(numel, world_size)
     fp32 = 4 * S
-    plan = {"master": 0 if dtype == torch.float32 else fp32, "exp_avg": fp32, "exp_avg_sq": fp32,
-            "grad_shard": fp32 if world_size > 1 else 0, "padding": (world_size * S - numel) * dtype.itemsize}
+    device_state = 0 if offload else fp32
+    plan = {"master": 0 if dtype == torch.float32 or offload else fp32, "exp_avg": device_state,
+            "exp_avg_sq": device_state, "grad_shard": fp32 if world_size > 1 else 0,
+            "padding": (world_size * S - numel) * dtype.itemsize}
     plan["persistent"] = sum(plan.values())
+    plan["host"] = 3 * fp32 if offload else 0
     plan["init"] = max(world_size * S * dtype.itemsize, plan["persistent"])
     # Norm pieces: 4 bytes each, plus the float64 copy and its square (20 in all); with several ranks
     # also the vector of all ranks' pieces.

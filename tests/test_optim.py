@@ -71,8 +71,8 @@ def train(model, opt, start, stop, n_micro, rank=0, world=1, sync=True):
     return norms
 
 
-def make_opt(model):
-    return ZeroAdamW(model.items(), lr=PEAK_LR, no_decay=no_decay, max_grad_norm=MAX_NORM)
+def make_opt(model, offload=False):
+    return ZeroAdamW(model.items(), lr=PEAK_LR, no_decay=no_decay, max_grad_norm=MAX_NORM, offload=offload)
 
 
 def trainable(model):
@@ -263,6 +263,11 @@ def _worker(rank, world, port, tmp):
             train(model, opt, 0, STEPS, n_micro=6, rank=rank, world=world, sync=sync)
             out[f"accum_sync{sync}"], out[f"started_sync{sync}"] = trainable(model), started
             out["n_buckets"] = len(opt._comm)
+        # The same with masters and moments in host memory (a copy of their own here on the CPU).
+        model = build()
+        opt = make_opt(model, offload=True)
+        train(model, opt, 0, STEPS, n_micro=6, rank=rank, world=world)
+        out["accum_offload"] = trainable(model)
 
         # One micro-batch per step: only rank 0 runs a backward (and reduces during it); the others
         # reduce in step(), after the loop's all-reduce of the token count. Also with bf16
@@ -352,6 +357,12 @@ def _runs(tmp):
     opt = make_opt(model)
     train(model, opt, 0, STEPS, n_micro=1)
     res[1]["accum_1_bf16"], res[1]["state_1_bf16"] = trainable(model), opt.state_dict()
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build(dtype)
+        opt = make_opt(model, offload=True)
+        assert opt.master.data_ptr() != opt.flat.data_ptr()     # the masters are a copy of their own
+        train(model, opt, 0, STEPS, n_micro=6 if dtype == torch.float32 else 1)
+        res[1][f"offload_{dtype}"], res[1][f"offload_state_{dtype}"] = trainable(model), opt.state_dict()
     model = build()
     opt = make_opt(model)
     train(model, opt, 0, RESUME_AT, n_micro=2)
@@ -374,6 +385,25 @@ def test_world_sizes_agree_with_accumulation(runs, world):
         for sync in (True, False):  # and reducing during backward changes no bit
             assert_equal_dicts(runs[world][r][f"accum_sync{sync}"], runs[world][0]["accum_syncTrue"])
     assert_equal_dicts(runs[world][0]["accum_syncTrue"], runs[1]["accum_6"], exact=False)
+
+
+def test_offload_changes_no_bit(runs):
+    """Masters and moments in host memory (here: a separate copy) give bitwise the same run, on one
+    rank (fp32 and bf16 parameters) and on two and three."""
+    assert_equal_dicts(runs[1]["offload_torch.float32"], runs[1]["accum_6"])
+    assert_equal_dicts(runs[1]["offload_torch.bfloat16"], runs[1]["accum_1_bf16"])
+    for key in ("master", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(runs[1]["offload_state_torch.float32"][key], runs[1]["state_6"][key])
+    for world in (2, 3):
+        for r in range(world):
+            assert_equal_dicts(runs[world][r]["accum_offload"], runs[world][0]["accum_syncTrue"])
+
+
+def test_memory_plan_offload():
+    params = [torch.nn.Parameter(torch.zeros(5000, dtype=torch.bfloat16))]
+    on, off = memory_plan(params, offload=True), memory_plan(params)
+    assert on["master"] == on["exp_avg"] == on["exp_avg_sq"] == 0 and on["host"] == off["master"] * 3
+    assert off["persistent"] - on["persistent"] == 3 * off["master"]
 
 
 @pytest.mark.parametrize("world", [2, 3])
