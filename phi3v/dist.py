@@ -64,6 +64,15 @@ def broadcast_object(obj):
     return box[0]
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's `obj` (any picklable object), in rank order, on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
