@@ -357,6 +357,11 @@ def resume(cfg: TrainConfig, opt: ZeroAdamW, scaler: DynamicLossScaler, total_st
         log(f"--resume: no {what} checkpoint under {out / 'checkpoints'}, starting from scratch")
         return 0, []
     _, optim_states, meta = load_checkpoint(ck, weights=False, verify=False)
+    saved = meta.get("config") or {}
+    for k in ("mode", "freeze_vision", "lora_rank"):     # what decides the set and shapes of trained tensors
+        if k in saved and saved[k] != getattr(cfg, k) and not (k == "lora_rank" and cfg.mode == "full"):
+            raise ValueError(f"--resume {ck}: the checkpoint was trained with {k}={saved[k]!r}, this run has "
+                             f"{k}={getattr(cfg, k)!r}; resume with the same settings")
     opt.load_sharded(optim_states)   # re-partitions for this world size; writes the params
     if meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
@@ -599,6 +604,10 @@ def main(cfg: TrainConfig) -> None:
     proc = Processor.from_pretrained(cfg.model, num_crops=cfg.num_crops)
     recompute = "full" if cfg.recompute == "auto" else cfg.recompute
     model = build_model(cfg, device, recompute)
+    top_id = max(proc.tokenizer.get_vocab(with_added_tokens=True).values())
+    if top_id >= model.config.vocab_size:      # the training forward never checks token ids (no host syncs)
+        raise ValueError(f"{cfg.model}: the tokenizer has token ids up to {top_id} but config.json's vocab_size is "
+                         f"{model.config.vocab_size} (tokenizer and weights of different models?)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     log(f"model {cfg.model}: mode {cfg.mode}{' (vision frozen)' if cfg.freeze_vision else ''}, {cfg.dtype}, "
         f"{sum(p.numel() for _, p in named):,} trainable parameters, world size {world}, device {device}")

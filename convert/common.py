@@ -26,7 +26,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validatio
                  "valid": "val", "dev": "val", "test": "test"}
 
 
-class ConvertError(Exception):
+class ConvertError(ValueError):
     """Bad input under --strict, or input the converter cannot interpret at all."""
 
 

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         p.error(str(e))
     for image in a.image:
         if not Path(image).is_file():
-            p.error(f"--image {image}: no such file")
+            p.error(f"--image {image}: " + ("not a file" if Path(image).exists() else "no such file"))
     if a.adapter and not Path(a.adapter).is_dir():
         p.error(f"--adapter {a.adapter}: no such directory")
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

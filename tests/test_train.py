@@ -181,6 +181,10 @@ def test_damaged_newest_checkpoint_falls_back_or_refuses(demo_dir, ref, tmp_path
     out = tmp_path / "damaged"
     shutil.copytree(ref[0], out)
     ck = out / "checkpoints" / f"step-{N}"
+    r = train(resumable(demo_dir, out) + ["--resume", "--lora_rank", 8], check=False)     # other settings
+    assert r.returncode == 1 and r.stderr.strip() == (f"train.py: error: --resume {ck}: the checkpoint was trained "
+                                                      "with lora_rank=16, this run has lora_rank=8; resume with the "
+                                                      "same settings"), r.stderr
     f = ck / "optim_rank0.pt"
     data = bytearray(f.read_bytes())
     data[len(data) // 2] ^= 0xFF
