@@ -97,7 +97,7 @@ def parallel_map(fn, items: list, workers: int, progress: bool, desc: str):
     """`[fn(x) for x in items]` in order, on `workers` processes, with a tqdm progress bar."""
     from tqdm import tqdm
 
-    bar = dict(total=len(items), desc=desc, disable=not progress, file=sys.stderr, leave=False)
+    bar = dict(total=len(items), desc=desc, disable=None if progress else True, file=sys.stderr, leave=False)
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in tqdm(items, **bar)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -126,7 +126,8 @@ class Output:
         self.skipped: list[dict] = []
         from tqdm import tqdm
 
-        self.bar = tqdm(desc="records", disable=not progress, file=sys.stderr, leave=False)
+        # progress bars on a terminal only (disable=None: off when stderr is a pipe or a file)
+        self.bar = tqdm(desc="records", disable=None if progress else True, file=sys.stderr, leave=False)
 
     def skip(self, file, line, id, reason: str) -> None:
         """Report one skipped input item (or raise ConvertError under strict)."""
@@ -437,7 +438,7 @@ def cli(convert_fn, doc: str, *options, workers: bool = False) -> None:
     p.add_argument("--src", required=True, help="raw dataset folder (or file)")
     p.add_argument("--out_dir", required=True, help="output folder (jsonl files + images/)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
     if workers:
         p.add_argument("--workers", type=phi3v_cli.positive_int, default=1,
                        help="parallel worker processes (default 1)")

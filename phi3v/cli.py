@@ -70,8 +70,16 @@ def errors(program: str, status: int = 1):
     except Exception as e:
         if debug():
             raise
+        _close_progress_bars()
         sys.stderr.write(f"{program}: error: {message(e)}\n")
         raise SystemExit(status) from None
+
+
+def _close_progress_bars() -> None:
+    """Close the open tqdm bars, so the error line starts a line of its own (not after a bar)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 class ArgumentParser(argparse.ArgumentParser):

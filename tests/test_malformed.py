@@ -640,3 +640,20 @@ def test_worker_error_is_unwrapped_to_its_message():
     assert cli.message(e.value) == "data.jsonl:1: image 'x.jpg': cannot decode"
     assert cli.message(RuntimeError("boom\nmore")) == "RuntimeError: boom more (set PHI3V_DEBUG=1 for the traceback)"
     assert cli.message(FileNotFoundError("no such file x")) == "no such file x"
+
+
+def test_errors_context_one_line_or_traceback(capsys, monkeypatch):
+    from tqdm import tqdm
+    monkeypatch.delenv("PHI3V_DEBUG", raising=False)
+    bar = tqdm(total=3, desc="reading", file=sys.stderr)
+    bar.update(1)
+    with pytest.raises(SystemExit) as e:
+        with cli.errors("prog", status=3):
+            raise ValueError("data.jsonl:7: field 'id': missing")
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and bar.disable            # the bar was closed before the line was written
+    assert err.splitlines()[-1] == "prog: error: data.jsonl:7: field 'id': missing" and err.endswith("missing\n")
+    monkeypatch.setenv("PHI3V_DEBUG", "1")
+    with pytest.raises(ValueError, match="field 'id'"):    # the exception itself: python prints the traceback
+        with cli.errors("prog"):
+            raise ValueError("data.jsonl:7: field 'id': missing")
