@@ -441,8 +441,8 @@ class Phi3V(nn.Module):
             new = ids[:, cache.length:]
             pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, cache.length:]
             h = self._hidden(new, mask if not bool(mask.all()) else None,
-                            pixel_values if cache.length == 0 else None,
-                            image_sizes if cache.length == 0 else None, pos, cache)
+                             pixel_values if cache.length == 0 else None,
+                             image_sizes if cache.length == 0 else None, pos, cache)
             logits = self.lm_head(h[:, -1]).float()                       # [B, V]
             if do_sample:
                 nxt = sample_top_p(logits / temperature, top_p, generator)

@@ -657,3 +657,16 @@ def test_errors_context_one_line_or_traceback(capsys, monkeypatch):
     with pytest.raises(ValueError, match="field 'id'"):    # the exception itself: python prints the traceback
         with cli.errors("prog"):
             raise ValueError("data.jsonl:7: field 'id': missing")
+
+
+def test_demo_model_interrupted_midway_does_not_look_written(tmp_path, monkeypatch):
+    """train.py writes the demo model when config.json is absent: a failure (or kill) while writing
+    must not leave a config.json beside missing files."""
+    from phi3v import demo
+
+    def fail():
+        raise OSError("No space left on device")
+    monkeypatch.setattr(demo, "build_tokenizer", fail)
+    with pytest.raises(OSError):
+        demo.write_base_model(tmp_path / "m")
+    assert list((tmp_path / "m").iterdir()) == []
