@@ -438,7 +438,8 @@ def cli(convert_fn, doc: str, *options, workers: bool = False) -> None:
     p.add_argument("--src", required=True, help="raw dataset folder (or file)")
     p.add_argument("--out_dir", required=True, help="output folder (jsonl files + images/)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar (there is none unless stderr is a terminal)")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bar (there is none unless stderr is a terminal)")
     if workers:
         p.add_argument("--workers", type=phi3v_cli.positive_int, default=1,
                        help="parallel worker processes (default 1)")

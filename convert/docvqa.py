@@ -39,7 +39,7 @@ def _question(query) -> str | None:
 
 def _add_qa(out, split, rid, question, answers, where, line, rel, src):
     if not isinstance(question, str) or not question:
-        out.skip(where, line, rid, "no question text" if not question else f"question is not a string: {question!r:.60}")
+        out.skip(where, line, rid, f"question is not a string: {question!r:.60}" if question else "no question text")
     elif not answers:
         out.skip(where, line, rid, "no answers (unlabelled split)")
     else:

@@ -208,7 +208,8 @@ def verify_checkpoint(path) -> str | None:
     return found[0] if found else None
 
 
-def load_checkpoint(path, weights: bool = True, verify: bool = True) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
+def load_checkpoint(path, weights: bool = True, verify: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Read a checkpoint directory: (trainable weights, optimizer states of all ranks in rank
     order, meta). `meta` is meta.json plus `rank_states`, the list of the
     ranks' `rank_state`s (empty if none were saved). Optimizer states are memory-mapped.

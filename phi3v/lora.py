@@ -38,8 +38,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise ValueError(f"LoRA wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a number > 0, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         self.base_layer = base_layer.requires_grad_(False)
@@ -188,6 +192,8 @@ def apply_lora(model: nn.Module, rank: int = 64, alpha: float = 128, dropout: fl
     if default:
         targets = list(LM_LINEARS)
     elif not isinstance(targets, str):
+        if not isinstance(targets, (list, tuple, set, frozenset)) or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"apply_lora: targets must be a regex string or a list of module names, got {targets!r}")
         targets = list(targets)
         if not targets:
             raise ValueError("apply_lora: empty targets")

@@ -112,7 +112,7 @@ def bad_run_inputs(demo_dir, tmp_path_factory):
     (data / "latin1.jsonl").write_bytes((data / "ucf101_train.jsonl").read_bytes().replace(b"Classify", b"Cl\xe4ssify"))
     models = {}
     for name, file, content in [("garbage_config", "config.json", b"\x00\x01 not json"),
-                                ("bad_tokenizer_config", "tokenizer_config.json", json.dumps({"bos_token": 5}).encode())]:
+                                ("bad_tokenizer_config", "tokenizer_config.json", b'{"bos_token": 5}')]:
         models[name] = root / name
         shutil.copytree(demo_dir / "model", models[name])
         (models[name] / file).write_bytes(content)
@@ -402,8 +402,8 @@ def test_model_api_still_accepts_good_input(tiny_model):
     out = tiny_model(ids, attention_mask=torch.tensor([[0, 1, 1, 1]]), labels=torch.tensor([[-100, 5, 7, 9]]))
     assert out.logits.shape == (1, 4, 100) and torch.isfinite(out.loss)
     assert tiny_model(ids.int(), labels=ids.int()).loss is not None             # int32 works as in torch
-    new = tiny_model.generate(torch.tensor([[99, 1, 5], [1, 5, 7]]), attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]),
-                              max_new_tokens=2)
+    new = tiny_model.generate(torch.tensor([[99, 1, 5], [1, 5, 7]]),
+                              attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]), max_new_tokens=2)
     assert new.shape[0] == 2
 
 
@@ -529,7 +529,8 @@ def test_sharegpt_items_of_wrong_types_are_skipped(tmp_path):
     src.write_bytes(b"".join(json.dumps(i).encode() + b"\n" for i in items) + b'{"id": "\xff"}\n')
     stats = sharegpt.convert(src, tmp_path / "out")
     assert stats["skipped"] == 4
-    reasons = {s["line"]: s["reason"] for s in map(json.loads, (tmp_path / "out" / "skipped.jsonl").read_text().splitlines())}
+    lines = (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()
+    reasons = {s["line"]: s["reason"] for s in map(json.loads, lines)}
     assert "'images' must be a list" in reasons[1] and "'messages' must be a list" in reasons[2]
     assert "'conversations' must be a list" in reasons[3] and reasons[4].startswith("not UTF-8 text (byte 0xff")
 
@@ -583,7 +584,8 @@ def test_check_non_utf8_jsonl(demo_dir, tmp_path):
     f.write_bytes(lines[0] + b"\xff\xfe garbage\n" + lines[1])
     s = check.check(f, demo_dir / "data" / "images")
     assert s["records"] == 2 and len(s["problems"]) == 1 and s["problems"][0].startswith(f"{f}:2: not UTF-8")
-    r = subprocess.run([sys.executable, "-m", "convert.check", str(f), "--images_dir", str(demo_dir / "data" / "images")],
+    r = subprocess.run([sys.executable, "-m", "convert.check", str(f), "--images_dir",
+                        str(demo_dir / "data" / "images")],
                        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and f"{f}:2: not UTF-8" in r.stdout and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "-m", "convert.check", str(tmp_path / "missing.jsonl")], cwd=REPO, env=ENV,
@@ -670,3 +672,14 @@ def test_demo_model_interrupted_midway_does_not_look_written(tmp_path, monkeypat
     with pytest.raises(OSError):
         demo.write_base_model(tmp_path / "m")
     assert list((tmp_path / "m").iterdir()) == []
+
+
+@pytest.mark.parametrize("kwargs, expect", [
+    ({"rank": 0}, "rank must be a positive integer"), ({"rank": 2.5}, "rank"), ({"alpha": -1}, "alpha must be"),
+    ({"alpha": float("nan")}, "alpha"), ({"dropout": 1.0}, "dropout must be in [0, 1)"),
+    ({"targets": 5}, "targets must be"), ({"targets": ["qkv_proj", 3]}, "targets must be"),
+])
+def test_apply_lora_rejects(kwargs, expect):
+    with pytest.raises(ValueError) as e:
+        apply_lora(Phi3V.from_config(Phi3VConfig.tiny()), **{"rank": 2, "alpha": 4, **kwargs})
+    assert expect in str(e.value), str(e.value)
