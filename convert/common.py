@@ -227,11 +227,11 @@ def read_json_or_jsonl(path: Path, out: Output, where: str) -> list:
         except json.JSONDecodeError:
             pass
     rows = []
-    for line_no, raw in jsonl_lines(path):
+    for line_no, raw_line in jsonl_lines(path):
         try:
-            line = raw.decode("utf-8").removeprefix("\ufeff")
+            line = raw_line.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as e:
-            out.skip(where, line_no, None, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+            out.skip(where, line_no, None, f"not UTF-8 text (byte 0x{raw_line[e.start]:02x} at column {e.start + 1})")
             continue
         try:
             rows.append((line_no, json.loads(line)))
@@ -264,10 +264,8 @@ def parquet_rows(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=64)
-        for batch in batches:
-            rows = batch.to_pylist()
-            yield from rows
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+            yield from batch.to_pylist()
     except (OSError, ValueError) as e:      # pyarrow's ArrowInvalid/ArrowIOError: corrupt or truncated
         raise ConvertError(f"{path}: cannot read parquet file: {e}") from None
 
@@ -326,8 +324,9 @@ def add_cauldron(out: Output, files: list, name: str, root: Path, val_rows: int 
             if len(rels) != len(ims):
                 out.skip(where, line, rid, f"image {len(rels)} has no decodable bytes")
                 continue
-            turns = [make_turn(rels if j == 0 else [], t.get("user"), t.get("assistant")) if isinstance(t, dict)
-                     else make_turn(rels if j == 0 else [], None, None) for j, t in enumerate(texts)]
+            texts = [t if isinstance(t, dict) else {} for t in texts]     # not an object: fails validation
+            turns = [make_turn(rels if j == 0 else [], t.get("user"), t.get("assistant"))
+                     for j, t in enumerate(texts)]
             out.add(f"{name}_{this}", make_record(rid, name, turns), where, line, images)
 
 

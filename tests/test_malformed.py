@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from helpers import ENV, REPO, command
 
@@ -554,6 +555,20 @@ def test_converter_inputs_not_utf8_and_bad_parquet(tmp_path):
     stats = hateful_memes.convert(hm, tmp_path / "o3")
     (s,) = [json.loads(line) for line in (tmp_path / "o3" / "skipped.jsonl").read_text().splitlines()]
     assert stats["skipped"] == 1 and s["line"] == 1 and s["reason"].startswith("not UTF-8")
+
+
+def test_cauldron_rows_of_wrong_types_are_skipped(tmp_path):
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    from convert import nlvr2
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(buf, format="PNG")
+    f = tmp_path / "nlvr2" / "train-00000-of-00001.parquet"
+    f.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist([                 # texts are strings, not {user, assistant} objects
+        {"images": [{"bytes": buf.getvalue(), "path": None}] * 2, "texts": ["true or false?"]}]), f)
+    stats = nlvr2.convert(f.parent, tmp_path / "out", val_rows=0)
+    (s,) = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert stats["skipped"] == 1 and s["line"] == "row 0" and "conversations[0].user" in s["reason"], s
 
 
 def test_converter_cli_arguments(tmp_path):
