@@ -26,11 +26,13 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from phi3v import Phi3V, Processor, dist, memory
-from phi3v.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from phi3v import Phi3V, Processor, cli, dist, memory
+from phi3v.checkpoint import (complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                              verify_checkpoint)
 from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate, to_device
 from phi3v.evaluate import evaluate, load_eval_records
 from phi3v.finetune import prepare
+from phi3v.jsonfile import write_atomic, write_text_atomic
 from phi3v.lora import load_adapter, merge_lora, save_adapter
 from phi3v.optim import DynamicLossScaler, ZeroAdamW, lr_at, no_decay
 
@@ -93,7 +95,7 @@ class TrainConfig:
     warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
     lr_schedule: str = field(default="linear", metadata={"help": "linear or cosine decay",
                                                           "choices": ["linear", "cosine"]})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient norm clip"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "global gradient norm clip (0: none)"})
     num_crops: int | None = field(default=None, metadata={"help": "HD crops per image (preset default)"})
     lora_rank: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)"})
@@ -129,7 +131,7 @@ class TrainConfig:
 def parse_args(argv=None) -> TrainConfig:
     """One `--snake_case` flag per TrainConfig field (type from the annotation), the recipe's aliases,
     then `resolve`. Errors are one line `train.py: error: ...` and exit 2."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
 
     def error(msg):  # one line, no usage dump
         sys.stderr.write(f"train.py: error: {msg}\n")
@@ -169,6 +171,7 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
     """Fill the preset defaults, reject contradictions with a one-line message, and return the final
     config (frozen: nothing changes it afterwards)."""
     c = dataclasses.asdict(cfg)
+    check_ranges(c, error)
     if c["use_flash_attention"]:
         c["bf16"] = True          # the recipe's flash path is bf16; SDPA picks flash kernels itself
     if c["bf16"] + c["fp16"] + c["fp32"] > 1:
@@ -188,6 +191,19 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
         error("--lora_alpha/--lora_alpha_ratio/--lora_dropout need --lora or --qlora, not --full")
     task = TASKS[c["task"]]
     c["output_dir"] = c["output_dir"] or f"output/{c['task']}"
+    for d in [Path(c["output_dir"]), *Path(c["output_dir"]).parents]:   # the first one that exists
+        if d.exists():
+            if not d.is_dir():
+                error(f"--output_dir {c['output_dir']} is a file, not a directory" if d == Path(c["output_dir"])
+                      else f"--output_dir {c['output_dir']}: {d} is a file, not a directory")
+            break
+    for flag in ("data_dir", "adapter") + (("resume",) if c["resume"] not in (None, "latest") else ()):
+        if c[flag] and Path(c[flag]).exists() and not Path(c[flag]).is_dir():
+            error(f"--{flag} {c[flag]} is a file, not a directory")
+    if c["adapter"] and not Path(c["adapter"]).is_dir():
+        error(f"--adapter {c['adapter']} does not exist (a peft adapter directory)")
+    if Path(c["model"]).is_file():
+        error(f"--model {c['model']} is a file; expected a checkpoint directory or a hub id")
     if c["task"] == "jsonl":
         if not c["train_file"] and not (c["eval_only"] and c["eval_file"]):
             error("--task jsonl needs --train_file (and optionally --eval_file)")
@@ -209,22 +225,51 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
         c["eval_file"] = c["eval_file"] or str(Path(c["data_dir"]) / task.eval)
     if c["task"] != "demo":
         for f in (c["train_file"], c["eval_file"]):
+            if f and Path(f).is_dir():
+                error(f"data file {f} is a directory, not a jsonl file")
             if f and not Path(f).is_file() and not (c["eval_only"] and f == c["train_file"]):
                 error(f"data file {f} does not exist")
-    c["num_crops"] = c["num_crops"] or task.num_crops
-    if not 1 <= c["num_crops"] <= 16:
-        error(f"--num_crops must be 1..16, got {c['num_crops']}")
+    if c["num_crops"] is None:
+        c["num_crops"] = task.num_crops
     if c["learning_rate"] is None:
         c["learning_rate"] = 5e-3 if c["task"] == "demo" else 4e-5 if c["mode"] == "full" else 2e-4
     if c["lora_alpha"] is None:
-        c["lora_alpha"] = round(c["lora_rank"] * c["lora_alpha_ratio"]) if c["lora_alpha_ratio"] else 2 * c["lora_rank"]
+        c["lora_alpha"] = round(c["lora_rank"] * c["lora_alpha_ratio"]) if c["lora_alpha_ratio"] is not None \
+            else 2 * c["lora_rank"]
+        if c["lora_alpha"] <= 0:
+            error(f"--lora_alpha_ratio {c['lora_alpha_ratio']:g} x --lora_rank {c['lora_rank']} rounds to "
+                  f"alpha {c['lora_alpha']}; alpha must be > 0")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if c["batch_size"] % (c["micro_batch_size"] * world):
         error(f"--batch_size {c['batch_size']} is not divisible by --micro_batch_size {c['micro_batch_size']} "
               f"x world size {world}")
-    if c["max_steps"] is not None and c["max_steps"] < 1:
-        error("--max_steps must be >= 1")
     return TrainConfig(**c)
+
+
+# the numeric flags' ranges: at least this (int flags) / a finite number >= 0 or > 0 (float flags)
+MIN_INT = {"batch_size": 1, "micro_batch_size": 1, "max_length": 1, "max_steps": 1, "warmup_steps": 0,
+           "num_crops": 1, "lora_rank": 1, "save_steps": 0, "keep_checkpoints": 1, "eval_batch_size": 1,
+           "max_eval_samples": 1, "max_new_tokens": 1, "seed": 0, "logging_steps": 1, "num_workers": 0}
+POSITIVE = ("learning_rate", "num_train_epochs", "lora_alpha", "lora_alpha_ratio")
+NON_NEGATIVE = ("weight_decay", "max_grad_norm")
+
+
+def check_ranges(c: dict, error) -> None:
+    """Every numeric flag the user gave within its range (argparse checked only the types); None
+    means unset. Checked before any default is filled in, so a 0 never passes for "unset"."""
+    for k, lo in MIN_INT.items():
+        if c[k] is not None and c[k] < lo:
+            error(f"--{k} must be an integer >= {lo}, got {c[k]}")
+    for k in POSITIVE + NON_NEGATIVE:
+        v = c[k]
+        if v is not None and not (math.isfinite(v) and (v > 0 if k in POSITIVE else v >= 0)):
+            error(f"--{k} must be a finite number {'> 0' if k in POSITIVE else '>= 0'}, got {v:g}")
+    if not (math.isfinite(c["lora_dropout"]) and 0 <= c["lora_dropout"] < 1):
+        error(f"--lora_dropout must be in [0, 1), got {c['lora_dropout']:g}")
+    if c["num_crops"] is not None and c["num_crops"] > 16:
+        error(f"--num_crops must be 1..16, got {c['num_crops']}")
+    if c["seed"] >= 2 ** 32:
+        error(f"--seed must be below 2**32, got {c['seed']}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -328,13 +373,30 @@ def make_loader(cfg: TrainConfig, ds: JsonlDataset, sampler: StepSampler, start_
 
 def resume(cfg: TrainConfig, opt: ZeroAdamW, scaler: DynamicLossScaler, total_steps: int, log) -> tuple[int, list]:
     """Restore the optimizer (and through its fp32 masters the weights), the loss scale and this
-    rank's RNG from a checkpoint; returns (start step, logged history). (0, []) without one."""
+    rank's RNG from a checkpoint; returns (start step, logged history). (0, []) without one.
+
+    `--resume` takes the newest checkpoint whose files all have their recorded checksums: a damaged
+    one is skipped (saying so) for the one before. A damaged `--resume DIR` is an error."""
     out = Path(cfg.output_dir)
-    ck = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
-    if ck is None:
-        log(f"--resume: no complete checkpoint under {out / 'checkpoints'}, starting from scratch")
+    explicit = cfg.resume != "latest"
+    candidates = [Path(cfg.resume)] if explicit else complete_checkpoints(out)
+    for ck in candidates:
+        problem = verify_checkpoint(ck)      # collective: each rank reads its share of the files
+        if problem is None:
+            break
+        if explicit:
+            raise ValueError(f"--resume {ck}: {problem}")
+        log(f"--resume: cannot use {ck}: {problem}; falling back to the checkpoint before it")
+    else:
+        what = "intact" if candidates else "complete"
+        log(f"--resume: no {what} checkpoint under {out / 'checkpoints'}, starting from scratch")
         return 0, []
-    _, optim_states, meta = load_checkpoint(ck, weights=False)
+    _, optim_states, meta = load_checkpoint(ck, weights=False, verify=False)
+    saved = meta.get("config") or {}
+    for k in ("mode", "freeze_vision", "lora_rank"):     # what decides the set and shapes of trained tensors
+        if k in saved and saved[k] != getattr(cfg, k) and not (k == "lora_rank" and cfg.mode == "full"):
+            raise ValueError(f"--resume {ck}: the checkpoint was trained with {k}={saved[k]!r}, this run has "
+                             f"{k}={getattr(cfg, k)!r}; resume with the same settings")
     opt.load_sharded(optim_states)   # re-partitions for this world size; writes the params
     if meta.get("scaler"):
         scaler.load_state_dict(meta["scaler"])
@@ -342,6 +404,68 @@ def resume(cfg: TrainConfig, opt: ZeroAdamW, scaler: DynamicLossScaler, total_st
         set_rng_state(meta["rank_states"][dist.rank()])   # dropout continues bit-exactly
     log(f"resumed from {ck} at step {meta['step']}/{total_steps}")
     return meta["step"], meta.get("history", [])
+
+
+def missing_outputs(cfg: TrainConfig, with_eval: bool, history: list, step: int) -> list[str]:
+    """The final outputs of a run whose training reached `step` that are not in output_dir. An
+    output older than that step's checkpoint is from an earlier run and counts as missing."""
+    out = Path(cfg.output_dir)
+    ck = out / "checkpoints" / f"step-{step}" / "COMPLETE"
+    since = ck.stat().st_mtime if ck.exists() else 0.0
+
+    def have(*names) -> bool:
+        return all((out / n).is_file() and (out / n).stat().st_mtime >= since for n in names)
+
+    def have_model(d: str) -> bool:
+        return have(f"{d}config.json") and (have(f"{d}model.safetensors")
+                                            or have(f"{d}model.safetensors.index.json"))
+    missing = []
+    if with_eval:
+        try:
+            done = have("eval.json") and json.loads((out / "eval.json").read_text()).get("after") is not None
+        except (ValueError, AttributeError):
+            done = False
+        if not done:
+            missing.append("eval after")
+    if not (have_model("") if cfg.mode == "full" else have("adapter_config.json", "adapter_model.safetensors")):
+        missing.append("model" if cfg.mode == "full" else "adapter")
+    if not have("tokenizer.json", "preprocessor_config.json"):
+        missing.append("processor files")
+    if any("loss" in m for m in history) and not have("loss.png"):
+        missing.append("loss.png")
+    if cfg.merge and cfg.mode != "full" and not have_model("merged/"):
+        missing.append("merged model")
+    return missing
+
+
+def complete_run(cfg: TrainConfig, model: Phi3V, proc: Processor, run_eval, history: list, step: int, log) -> None:
+    """A resumed run whose training had already finished: write the final outputs that are missing
+    (a kill after the last checkpoint leaves them unwritten) and say which; nothing if all exist."""
+    out = Path(cfg.output_dir)
+    # rank 0 decides, so every rank takes the same branch (the evaluation is collective)
+    missing = dist.all_gather_object(missing_outputs(cfg, run_eval is not None, history, step)
+                                     if dist.is_main() else None)[0]        # rank 0's finding, on every rank
+    if not missing:
+        log(f"this run already finished ({step} steps); nothing to do")
+        return
+    log(f"training already finished ({step} steps); writing the missing outputs: {', '.join(missing)}")
+    if "eval after" in missing:
+        eval_path, metrics = out / "eval.json", out / "metrics.jsonl"
+        after = run_eval()
+        log(f"eval after: {summary(after)}")
+        if dist.is_main():
+            try:
+                before = json.loads(eval_path.read_text()).get("before")
+            except (OSError, ValueError, AttributeError):
+                before = None          # never evaluated (or the file is gone): not made up now
+            write_text_atomic(eval_path, json.dumps({"before": before, "after": after}, indent=2))
+            truncate_metrics(metrics, step)          # drops a line cut by the kill
+            with open(metrics, "a") as f:
+                f.write(json.dumps({"step": step, "eval": "after",
+                                    **{k: v for k, v in after.items() if k != "examples"}}) + "\n")
+    if dist.is_main() and set(missing) - {"eval after"}:
+        export(cfg, model, proc, history, log)
+    log(f"done: {out}")
 
 
 class RunLog:
@@ -431,7 +555,7 @@ def truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, AttributeError):
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))     # a kill here loses nothing
 
 
 def plot_loss(metrics: list[dict], path: Path) -> None:
@@ -449,7 +573,7 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("train loss (per token)")
         fig.tight_layout()
-        fig.savefig(path)
+        write_atomic(path, lambda p: fig.savefig(p, format="png"))
         plt.close(fig)
         return
     from PIL import Image, ImageDraw
@@ -468,7 +592,7 @@ def plot_loss(metrics: list[dict], path: Path) -> None:
     d.text((m, h - m + 6), str(x0), fill="black")
     d.text((w - m - 20, h - m + 6), str(x1), fill="black")
     d.text((w // 2 - 40, h - m + 6), "optimizer step", fill="black")
-    im.save(path)
+    write_atomic(path, lambda p: im.save(p, format="PNG"))
 
 
 def export(cfg: TrainConfig, model: Phi3V, proc: Processor, history: list, log) -> None:
@@ -516,6 +640,10 @@ def main(cfg: TrainConfig) -> None:
     out, eval_path = Path(cfg.output_dir), Path(cfg.output_dir) / "eval.json"
     proc = Processor.from_pretrained(cfg.model, num_crops=cfg.num_crops)
     model = build_model(cfg, device)
+    top_id = max(proc.tokenizer.get_vocab(with_added_tokens=True).values())
+    if top_id >= model.config.vocab_size:      # the training forward never checks token ids (no host syncs)
+        raise ValueError(f"{cfg.model}: the tokenizer has token ids up to {top_id} but config.json's vocab_size is "
+                         f"{model.config.vocab_size} (tokenizer and weights of different models?)")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     log(f"model {cfg.model}: mode {cfg.mode}{' (vision frozen)' if cfg.freeze_vision else ''}, {cfg.dtype}, "
         f"{sum(p.numel() for _, p in named):,} trainable parameters, world size {world}, device {device}")
@@ -526,7 +654,7 @@ def main(cfg: TrainConfig) -> None:
             raise ValueError("--eval_only needs an eval split (--eval_file or the preset's val file)")
         res = run_eval()
         if main_rank:   # nothing is trained: the model before and after is the one evaluated
-            eval_path.write_text(json.dumps({"before": res, "after": res}, indent=2))
+            write_text_atomic(eval_path, json.dumps({"before": res, "after": res}, indent=2))
             log(f"eval: {summary(res)} -> {eval_path}")
         return dist.cleanup()
 
@@ -546,8 +674,8 @@ def main(cfg: TrainConfig) -> None:
                     max_grad_norm=cfg.max_grad_norm, offload=offload)
     scaler = DynamicLossScaler(enabled=cfg.fp16)     # fp16 only; otherwise scale 1, never an overflow
     start_step, history = resume(cfg, opt, scaler, total_steps, log) if cfg.resume else (0, [])
-    if start_step >= total_steps:
-        log(f"this run already finished ({start_step} steps); nothing to do")
+    if start_step >= total_steps:     # finished training; the evaluation and export may be missing
+        complete_run(cfg, model, proc, run_eval, history, start_step, log)
         return dist.cleanup()
     run_log = RunLog(cfg, start_step, total_steps, sampler.steps_per_epoch, history)
     # the eval before training runs once; a resumed run keeps it from eval.json
@@ -556,7 +684,7 @@ def main(cfg: TrainConfig) -> None:
         before = run_eval()
         log(f"eval before: {summary(before)}")
         if main_rank:
-            eval_path.write_text(json.dumps({"before": before, "after": None}, indent=2))
+            write_text_atomic(eval_path, json.dumps({"before": before, "after": None}, indent=2))
         run_log.eval(start_step, "before", before)
 
     batches = iter(make_loader(cfg, train_ds, sampler, start_step, total_steps, proc.pad_token_id, device))
@@ -601,7 +729,7 @@ def main(cfg: TrainConfig) -> None:
         after = run_eval()
         log(f"eval after: {summary(after)}")
         if main_rank:
-            eval_path.write_text(json.dumps({"before": before, "after": after}, indent=2))
+            write_text_atomic(eval_path, json.dumps({"before": before, "after": after}, indent=2))
         run_log.eval(total_steps, "after", after)
     if main_rank:
         export(cfg, model, proc, run_log.history, log)
@@ -610,9 +738,5 @@ def main(cfg: TrainConfig) -> None:
 
 
 if __name__ == "__main__":
-    config = parse_args()
-    try:
-        main(config)
-    except (ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"train.py: error: {e}\n")
-        sys.exit(1)
+    with cli.errors("train.py"):     # one line `train.py: error: ...`; PHI3V_DEBUG=1 for the traceback
+        main(parse_args())

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from phi3v.schema import make_record, make_turn, validate_record
+from phi3v.schema import jsonl_lines, make_record, make_turn, validate_record
 
 # Formats PIL reads that we keep byte-for-byte; anything else is re-encoded to PNG.
 KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg", "GIF": "gif", "BMP": "bmp", "WEBP": "webp", "TIFF": "tif"}
@@ -26,7 +26,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "validatio
                  "valid": "val", "dev": "val", "test": "test"}
 
 
-class ConvertError(Exception):
+class ConvertError(ValueError):
     """Bad input under --strict, or input the converter cannot interpret at all."""
 
 
@@ -97,7 +97,7 @@ def parallel_map(fn, items: list, workers: int, progress: bool, desc: str):
     """`[fn(x) for x in items]` in order, on `workers` processes, with a tqdm progress bar."""
     from tqdm import tqdm
 
-    bar = dict(total=len(items), desc=desc, disable=not progress, file=sys.stderr, leave=False)
+    bar = dict(total=len(items), desc=desc, disable=None if progress else True, file=sys.stderr, leave=False)
     if workers <= 1 or len(items) <= 1:
         return [fn(x) for x in tqdm(items, **bar)]
     with ProcessPoolExecutor(max_workers=workers) as pool:
@@ -126,7 +126,8 @@ class Output:
         self.skipped: list[dict] = []
         from tqdm import tqdm
 
-        self.bar = tqdm(desc="records", disable=not progress, file=sys.stderr, leave=False)
+        # progress bars on a terminal only (disable=None: off when stderr is a pipe or a file)
+        self.bar = tqdm(desc="records", disable=None if progress else True, file=sys.stderr, leave=False)
 
     def skip(self, file, line, id, reason: str) -> None:
         """Report one skipped input item (or raise ConvertError under strict)."""
@@ -194,26 +195,43 @@ def write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def read_text(path: Path, where: str) -> str:
+    """A UTF-8 text file's content; ConvertError naming `where` and the line of a non-UTF-8 byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConvertError(f"{where}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as UTF-8") \
+            from None
+
+
 def read_json_or_jsonl(path: Path, out: Output, where: str) -> list:
-    """[(line, obj)] from a JSON list file or a jsonl file; broken jsonl lines are skipped/reported.
+    """[(line, obj)] from a JSON list file or a jsonl file; broken jsonl lines (not JSON, not UTF-8)
+    are skipped/reported.
 
     For a JSON list, `line` is the item index (reported as 'item N'). `where` names the file in reports."""
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    raw = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf").strip()
+    if raw.startswith(b"["):
+        text = read_text(path, where)
         try:
             items = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConvertError(f"{where}:{e.lineno}: invalid JSON: {e.msg}") from None
+        if not isinstance(items, list):
+            raise ConvertError(f"{where}: expected a JSON list of items")
         return [(f"item {i}", obj) for i, obj in enumerate(items)]
-    if stripped.startswith("{") and "\n{" not in stripped.rstrip():
+    if raw.startswith(b"{") and b"\n" in raw and b"\n{" not in raw:
         try:   # a single JSON object (e.g. DocVQA's {"data": [...]}) spanning several lines
-            return [(1, json.loads(text))]
+            return [(1, json.loads(read_text(path, where)))]
         except json.JSONDecodeError:
             pass
     rows = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for line_no, raw_line in jsonl_lines(path):
+        try:
+            line = raw_line.decode("utf-8").removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            out.skip(where, line_no, None, f"not UTF-8 text (byte 0x{raw_line[e.start]:02x} at column {e.start + 1})")
             continue
         try:
             rows.append((line_no, json.loads(line)))
@@ -245,14 +263,20 @@ def parquet_rows(path: Path):
     """Rows of a parquet file as dicts, read in batches (Cauldron shards are ~400 MB)."""
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
-        yield from batch.to_pylist()
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=64):
+            yield from batch.to_pylist()
+    except (OSError, ValueError) as e:      # pyarrow's ArrowInvalid/ArrowIOError: corrupt or truncated
+        raise ConvertError(f"{path}: cannot read parquet file: {e}") from None
 
 
 def parquet_columns(path: Path) -> list:
     import pyarrow.parquet as pq
 
-    return list(pq.ParquetFile(path).schema_arrow.names)
+    try:
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    except (OSError, ValueError) as e:
+        raise ConvertError(f"{path}: cannot read parquet file: {e}") from None
 
 
 def is_cauldron(path: Path) -> bool:
@@ -268,6 +292,8 @@ def add_cauldron(out: Output, files: list, name: str, root: Path, val_rows: int 
     over all shards; of the train rows, the first `val_rows` go to val (the recipe's eval split is
     `train[:500]`). Ids are f"{split}-{row:010d}", images `{split}/{id}.{k}.{ext}`.
     """
+    if val_rows < 0:
+        raise ConvertError(f"val_rows must be >= 0, got {val_rows}")
     row = 0
     for f in files:
         where = f.relative_to(root).as_posix() if f != root else f.name
@@ -278,6 +304,9 @@ def add_cauldron(out: Output, files: list, name: str, root: Path, val_rows: int 
             line = f"row {row}"
             row += 1
             ims, texts = r.get("images") or [], r.get("texts") or []
+            if not isinstance(ims, list) or not isinstance(texts, list):
+                out.skip(where, line, rid, "columns images and texts must be lists")
+                continue
             if n_images is not None and len(ims) != n_images:
                 out.skip(where, line, rid, f"expected {n_images} image(s), found {len(ims)}")
                 continue
@@ -286,8 +315,8 @@ def add_cauldron(out: Output, files: list, name: str, root: Path, val_rows: int 
                 continue
             images, rels = {}, []
             for k, im in enumerate(ims):
-                data = (im or {}).get("bytes")
-                ext = image_ext(data) if data else None
+                data = im.get("bytes") if isinstance(im, dict) else None
+                ext = image_ext(data) if isinstance(data, bytes) and data else None
                 if ext is None:
                     break
                 rels.append(f"{this}/{rid}.{k}.{ext}")
@@ -295,7 +324,8 @@ def add_cauldron(out: Output, files: list, name: str, root: Path, val_rows: int 
             if len(rels) != len(ims):
                 out.skip(where, line, rid, f"image {len(rels)} has no decodable bytes")
                 continue
-            turns = [make_turn(rels if j == 0 else [], (t or {}).get("user"), (t or {}).get("assistant"))
+            texts = [t if isinstance(t, dict) else {} for t in texts]     # not an object: fails validation
+            turns = [make_turn(rels if j == 0 else [], t.get("user"), t.get("assistant"))
                      for j, t in enumerate(texts)]
             out.add(f"{name}_{this}", make_record(rid, name, turns), where, line, images)
 
@@ -361,6 +391,16 @@ def pair_turns(msgs: list) -> tuple:
     return system, pairs
 
 
+def item_id(item: dict, index: int, stem: str) -> str:
+    """A chat item's id as a string (ids may be strings or integers); "{stem}-{index:08d}" if absent."""
+    rid = item.get("id")
+    if rid is None:
+        return f"{stem}-{index:08d}"
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
+    return str(rid)
+
+
 def convert_chat_file(src, out_dir, to_record, image_folder=None, source: str = "", strict: bool = False,
                       progress: bool = False) -> dict:
     """Shared loop of the chat-format converters (llava, sharegpt): one json/jsonl file in,
@@ -375,7 +415,8 @@ def convert_chat_file(src, out_dir, to_record, image_folder=None, source: str = 
             rec, images = to_record(item, i, src.stem, source, folder)
         except ValueError as e:
             rid = item.get("id") if isinstance(item, dict) else None
-            out.skip(src.name, line, None if rid is None else str(rid), str(e))
+            ok = isinstance(rid, (str, int)) and not isinstance(rid, bool)
+            out.skip(src.name, line, str(rid) if ok else None, str(e))
             continue
         out.add(src.stem, rec, src.name, line, images)
     out.lines.setdefault(src.stem, [])
@@ -385,25 +426,31 @@ def convert_chat_file(src, out_dir, to_record, image_folder=None, source: str = 
 def cli(convert_fn, doc: str, *options, workers: bool = False) -> None:
     """The command line every converter shares: --src, --out_dir, --strict, --no_progress (and
     --workers for converters that use processes), plus `options`, each `(flags, argparse kwargs)`
-    whose dest is a keyword of `convert_fn`. Prints the stats as JSON, or one error line and exit 1."""
+    whose dest is a keyword of `convert_fn`. Prints the stats as JSON, or one error line
+    `convert.<name>: error: ...` and exit 1 (bad arguments: exit 2)."""
     import argparse
 
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from phi3v import cli as phi3v_cli
+
+    prog = phi3v_cli.program_name()
+    p = phi3v_cli.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--src", required=True, help="raw dataset folder (or file)")
     p.add_argument("--out_dir", required=True, help="output folder (jsonl files + images/)")
     p.add_argument("--strict", action="store_true", help="fail on the first bad item instead of skipping it")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--no_progress", action="store_true",
+                   help="no progress bar (there is none unless stderr is a terminal)")
     if workers:
-        p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+        p.add_argument("--workers", type=phi3v_cli.positive_int, default=1,
+                       help="parallel worker processes (default 1)")
     for flags, kwargs in options:
         p.add_argument(*flags, **kwargs)
     kw = vars(p.parse_args())
     kw["progress"] = not kw.pop("no_progress")
-    try:
+    out = Path(kw["out_dir"])
+    if out.exists() and not out.is_dir():
+        p.error(f"--out_dir {out} is a file, not a folder")
+    with phi3v_cli.errors(prog):
         stats = convert_fn(**kw)
-    except (ConvertError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     print(json.dumps(stats, indent=1))
     if stats.get("skipped"):
         print(f"{stats['skipped']} item(s) skipped: see {Path(stats['out_dir']) / 'skipped.jsonl'}",

@@ -17,10 +17,11 @@ json's "dataset_split". Questions without answers (the official test set) are sk
 import json
 from pathlib import Path, PurePosixPath
 
+from phi3v.cli import non_negative_int
 from phi3v.schema import make_record, make_turn
 
 from .common import (ConvertError, Output, add_cauldron, cli, find_files, image_ext, is_cauldron, parquet_rows,
-                     safe_name, split_from_name, split_of)
+                     read_text, safe_name, split_from_name, split_of)
 
 NAME = "docvqa"
 SUFFIX = "\nAnswer briefly."
@@ -37,8 +38,8 @@ def _question(query) -> str | None:
 
 
 def _add_qa(out, split, rid, question, answers, where, line, rel, src):
-    if not question:
-        out.skip(where, line, rid, "no question text")
+    if not isinstance(question, str) or not question:
+        out.skip(where, line, rid, f"question is not a string: {question!r:.60}" if question else "no question text")
     elif not answers:
         out.skip(where, line, rid, "no answers (unlabelled split)")
     else:
@@ -101,7 +102,7 @@ def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows
             n_used += 1
         elif split_of(rel) is not None or f == src:
             try:
-                doc = json.loads(f.read_text(encoding="utf-8"))
+                doc = json.loads(read_text(f, where))
             except json.JSONDecodeError as e:
                 raise ConvertError(f"{where}:{e.lineno}: invalid JSON: {e.msg}") from None
             if isinstance(doc, dict) and isinstance(doc.get("data"), list):
@@ -115,4 +116,4 @@ def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows
 
 
 if __name__ == "__main__":
-    cli(convert, __doc__, (["--val_rows"], dict(type=int, default=0, help="Cauldron only: first N train rows go to val (default 0)")))
+    cli(convert, __doc__, (["--val_rows"], dict(type=non_negative_int, default=0, help="Cauldron only: first N train rows go to val (default 0)")))

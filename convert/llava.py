@@ -15,7 +15,7 @@ from pathlib import Path
 
 from phi3v.schema import make_record, make_turn
 
-from .common import cli, convert_chat_file, local_image, pair_turns, strip_placeholders
+from .common import cli, convert_chat_file, item_id, local_image, pair_turns, strip_placeholders
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -24,12 +24,18 @@ def to_record(item, index: int, stem: str, source: str, folder: Path) -> tuple:
     """(record, {rel: source path}) for one LLaVA item; ValueError says why it cannot be converted."""
     if not isinstance(item, dict):
         raise ValueError("item is not an object")
-    rid = str(item["id"]) if item.get("id") is not None else f"{stem}-{index:08d}"
-    image = item.get("image", item.get("images"))
-    paths = [image] if isinstance(image, str) else list(image or [])
+    rid = item_id(item, index, stem)
+    key = "image" if "image" in item else "images"
+    image = item.get(key)
+    paths = [image] if isinstance(image, str) else image if image is not None else []
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+        raise ValueError(f"'{key}' must be an image path or a list of image paths, got {image!r:.80}")
+    convs = item.get("conversations")
+    if not isinstance(convs, list):
+        raise ValueError(f"'conversations' must be a list of messages, got {convs!r:.80}")
     msgs = []
-    for m in item.get("conversations") or []:
-        role = ROLES.get(str((m or {}).get("from", "")).lower())
+    for m in convs:
+        role = ROLES.get(str(m.get("from", "")).lower()) if isinstance(m, dict) else None
         if role is None or not isinstance(m.get("value"), str):
             raise ValueError(f"message {m!r:.80}: 'from' must be human/gpt/system with a string 'value'")
         msgs.append((role, m["value"]))

@@ -16,6 +16,7 @@ RAW (a folder, searched recursively, or one file) may hold:
 """
 from pathlib import Path
 
+from phi3v.cli import non_negative_int
 from phi3v.schema import make_record, make_turn
 
 from .common import Output, add_release_and_cauldron, cli, find_files, read_json_or_jsonl
@@ -70,4 +71,4 @@ def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows
 
 
 if __name__ == "__main__":
-    cli(convert, __doc__, (["--val_rows"], dict(type=int, default=500, help="Cauldron only: first N train rows go to val (default 500)")))
+    cli(convert, __doc__, (["--val_rows"], dict(type=non_negative_int, default=500, help="Cauldron only: first N train rows go to val (default 500)")))

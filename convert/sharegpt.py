@@ -17,8 +17,8 @@ from pathlib import Path
 
 from phi3v.schema import make_record, make_turn
 
-from .common import (cli, content_name, convert_chat_file, decode_data_url, image_ext, local_image, pair_turns,
-                     strip_placeholders)
+from .common import (cli, content_name, convert_chat_file, decode_data_url, image_ext, item_id, local_image,
+                     pair_turns, strip_placeholders)
 
 
 def _image(ref, stem: str, folder: Path) -> tuple:
@@ -66,10 +66,18 @@ def to_record(item, index: int, stem: str, source: str, folder: Path) -> tuple:
     """(record, {rel: source}) for one item; ValueError says why it cannot be converted."""
     if not isinstance(item, dict):
         raise ValueError("item is not an object")
-    rid = str(item["id"]) if item.get("id") is not None else f"{stem}-{index:08d}"
-    pool = list(item.get("images") or [])
+    rid = item_id(item, index, stem)
+    pool = item.get("images")
+    pool = [] if pool is None else pool
+    if not isinstance(pool, list):
+        raise ValueError(f"'images' must be a list, got {pool!r:.80}")
+    pool = list(pool)
+    key = "messages" if "messages" in item else "conversations"
+    messages = item.get(key)
+    if not isinstance(messages, list):
+        raise ValueError(f"'{key}' must be a list of messages, got {messages!r:.80}")
     msgs = []
-    for m in item.get("messages", item.get("conversations")) or []:
+    for m in messages:
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"message {m!r:.80}: role must be system/user/assistant")

@@ -12,11 +12,13 @@ Needs PyAV (`pip install phi3v[video]`).
 """
 import tarfile
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from phi3v.cli import positive_int
 from phi3v.schema import make_record, make_turn
 
 from .common import ConvertError, Output, cli, parallel_map
@@ -103,9 +105,13 @@ def convert(src, out_dir, num_frames: int = 8, classes: list | None = None, stri
     archive = find_archive(Path(src))
     if archive is not None:  # extract to a temporary folder, convert, clean up
         with tempfile.TemporaryDirectory(prefix="ucf101_") as tmp:
-            with tarfile.open(archive) as tar:
-                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
-                tar.extractall(tmp, **safe)
+            try:
+                with tarfile.open(archive) as tar:
+                    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12
+                    tar.extractall(tmp, **safe)
+            except (tarfile.TarError, EOFError, zlib.error, OSError) as e:   # OSError: e.g. BadGzipFile
+                raise ConvertError(f"{archive}: cannot extract the archive (corrupt or truncated?): "
+                                   f"{type(e).__name__}: {e}") from None
             return convert(tmp, out_dir, num_frames, classes, strict, workers, progress)
     root = find_root(Path(src))
     out_dir = Path(out_dir)
@@ -160,7 +166,7 @@ def _classes(text: str) -> list:
 
 
 if __name__ == "__main__":
-    cli(convert, __doc__, (["--num_frames"], dict(type=int, default=8, help="frames per video (default 8)")),
+    cli(convert, __doc__, (["--num_frames"], dict(type=positive_int, default=8, help="frames per video (default 8)")),
         (["--classes"], dict(type=_classes, default=None,
                              help="comma-separated class names, in prompt order (default: sorted folder names)")),
         workers=True)

@@ -5,10 +5,11 @@ variant that Phi-3.5-vision ships is implemented; any other value raises instead
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from .jsonfile import Fields, read_json
 
 CLIP_NAME = "openai/clip-vit-large-patch14-336"
 
@@ -85,113 +86,100 @@ class Phi3VConfig:
         return (n + 1 + self.clip_layer_idx) if self.clip_layer_idx < 0 else self.clip_layer_idx
 
     @classmethod
-    def from_dict(cls, d: dict, name_or_path: str = "") -> "Phi3VConfig":
-        """Validate a config.json dict and build the config; unsupported variants raise ValueError."""
-        where = f"config.json of {name_or_path!r}" if name_or_path else "config.json"
-
-        def bad(msg: str):
-            raise ValueError(f"{where}: {msg}")
+    def from_dict(cls, d: dict, name_or_path: str = "", source: str | None = None) -> "Phi3VConfig":
+        """Validate a config.json dict and build the config. Wrong types, sizes out of range and
+        unsupported variants raise ValueError naming the file (`source`) and the field."""
+        f = Fields(d, source or (f"config.json of {name_or_path!r}" if name_or_path else "config.json"))
 
         mt = d.get("model_type")
         if mt != "phi3_v":
-            bad(f"model_type is {mt!r}; only 'phi3_v' (Phi-3/3.5-vision) is supported")
-        hidden, heads = d.get("hidden_size", 3072), d.get("num_attention_heads", 32)
-        if hidden % heads:
-            bad(f"hidden_size {hidden} is not divisible by num_attention_heads {heads}")
-        kv = d.get("num_key_value_heads") or heads
+            f.fail("model_type", f"= {mt!r}; only 'phi3_v' (Phi-3/3.5-vision) is supported")
+        hidden, heads = f.int("hidden_size", 3072), f.int("num_attention_heads", 32)
+        if hidden % heads or (hidden // heads) % 2:
+            f.fail("hidden_size", f"{hidden} must be num_attention_heads ({heads}) x an even head size")
+        kv = f.int("num_key_value_heads", heads, null=True)
         if kv != heads:
-            bad(f"num_key_value_heads={kv} != num_attention_heads={heads}: grouped-query attention is not "
-                "part of Phi-3.5-vision and is not implemented")
-        if d.get("hidden_act", "silu") != "silu":
-            bad(f"hidden_act {d['hidden_act']!r} is not supported (only 'silu')")
-        if d.get("tie_word_embeddings", False):
-            bad("tie_word_embeddings=true is not supported (Phi-3.5-vision stores lm_head separately)")
+            f.fail("num_key_value_heads", f"= {kv} != num_attention_heads={heads}: grouped-query attention is "
+                   "not part of Phi-3.5-vision and is not implemented")
+        if f.string("hidden_act", "silu") != "silu":
+            f.fail("hidden_act", f"= {d['hidden_act']!r} is not supported (only 'silu')")
+        if f.boolean("tie_word_embeddings", False, null=True):
+            f.fail("tie_word_embeddings", "= true is not supported (Phi-3.5-vision stores lm_head separately)")
         for k in ("attention_dropout", "embd_pdrop", "resid_pdrop"):
-            if float(d.get(k, 0.0) or 0.0) != 0.0:
-                bad(f"{k}={d[k]} is not supported (only 0.0, as in Phi-3.5-vision)")
+            if f.number(k, 0.0, null=True) != 0.0:
+                f.fail(k, f"= {d[k]} is not supported (only 0.0, as in Phi-3.5-vision)")
+        orig = f.int("original_max_position_embeddings", 4096, min=2)
+        sizes = {k: f.int(k, default) for k, default in (
+            ("vocab_size", 32064), ("intermediate_size", 8192), ("num_hidden_layers", 32),
+            ("max_position_embeddings", orig))}
 
         # LongRoPE ("su" in the remote code, "longrope" in newer transformers)
         half = hidden // heads // 2
-        rs = d.get("rope_scaling")
+        rs = f.object("rope_scaling", None, null=True)
         if rs is None:
             short = long = (1.0,) * half   # plain RoPE: both factor sets are 1
         else:
-            if not isinstance(rs, dict):
-                bad(f"rope_scaling must be a dict, got {type(rs).__name__}")
-            kind = rs.get("type", rs.get("rope_type"))
+            kind = rs.value("type", rs.value("rope_type", None))
             if kind not in ("su", "longrope"):
-                bad(f"rope_scaling.type {kind!r} is not supported (only 'su'/'longrope')")
-            try:
-                short = tuple(float(x) for x in rs["short_factor"])
-                long = tuple(float(x) for x in rs["long_factor"])
-            except KeyError as e:
-                bad(f"rope_scaling lacks {e.args[0]!r}")
+                rs.fail("type", f"= {kind!r} is not supported (only 'su'/'longrope')")
+            short, long = rs.numbers("short_factor", above=0), rs.numbers("long_factor", above=0)
             if len(short) != half or len(long) != half:
-                bad(f"rope_scaling factor lists must have head_dim/2 = {half} entries, got "
-                    f"{len(short)} short and {len(long)} long")
+                rs.fail("short_factor", f"and long_factor must have head_dim/2 = {half} entries, got "
+                        f"{len(short)} short and {len(long)} long")
 
-        embd = d.get("embd_layer")
-        if not isinstance(embd, dict):
-            bad(f"embd_layer must be the image-embedding dict, got {embd!r}")
+        embd = f.object("embd_layer")
         expect = {"embedding_cls": "image", "hd_transform_order": "sub_glb", "projection_cls": "mlp",
                   "use_hd_transform": True, "with_learnable_separator": True}
         for k, v in expect.items():
-            if embd.get(k, v) != v:
-                bad(f"embd_layer.{k}={embd.get(k)!r} is not supported (only {v!r})")
-        ip = d.get("img_processor")
-        if not isinstance(ip, dict):
-            bad(f"img_processor must be a dict, got {ip!r}")
-        if ip.get("model_name", CLIP_NAME) != CLIP_NAME:
-            bad(f"img_processor.model_name {ip.get('model_name')!r} is not supported (only {CLIP_NAME!r})")
-        if ip.get("type_feature", "patch") != "patch":
-            bad(f"img_processor.type_feature {ip.get('type_feature')!r} is not supported (only 'patch')")
-        layer_idx = int(ip.get("layer_idx", -2))
+            if embd.value(k, v) != v:
+                embd.fail(k, f"= {embd.value(k)!r} is not supported (only {v!r})")
+        ip = f.object("img_processor")
+        if ip.string("model_name", CLIP_NAME) != CLIP_NAME:
+            ip.fail("model_name", f"= {ip.value('model_name')!r} is not supported (only {CLIP_NAME!r})")
+        if ip.string("type_feature", "patch") != "patch":
+            ip.fail("type_feature", f"= {ip.value('type_feature')!r} is not supported (only 'patch')")
+        layer_idx = ip.int("layer_idx", -2, min=None)
 
-        vc = d.get("vision_config")
+        vc = f.object("vision_config", None, null=True)
         if vc is None:
             vision = VisionConfig()
         else:
-            if vc.get("hidden_act", "quick_gelu") != "quick_gelu":
-                bad(f"vision_config.hidden_act {vc['hidden_act']!r} is not supported (only 'quick_gelu')")
-            vision = VisionConfig(
-                hidden_size=vc.get("hidden_size", 1024), intermediate_size=vc.get("intermediate_size", 4096),
-                num_hidden_layers=vc.get("num_hidden_layers", 24),
-                num_attention_heads=vc.get("num_attention_heads", 16), image_size=vc.get("image_size", 336),
-                patch_size=vc.get("patch_size", 14), layer_norm_eps=vc.get("layer_norm_eps", 1e-5))
-        if vision.image_size != 336 or vision.grid % 2:
-            bad(f"CLIP image_size {vision.image_size} / patch {vision.patch_size} must give 336 px crops "
-                "with an even patch grid")
-        dim_out = ip.get("image_dim_out", vision.hidden_size)
+            if vc.string("hidden_act", "quick_gelu") != "quick_gelu":
+                vc.fail("hidden_act", f"= {vc.value('hidden_act')!r} is not supported (only 'quick_gelu')")
+            vision = VisionConfig(**{k: vc.int(k, getattr(VisionConfig, k)) for k in (
+                "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                "patch_size")}, layer_norm_eps=vc.number("layer_norm_eps", 1e-5, above=0))
+            if vision.hidden_size % vision.num_attention_heads:
+                vc.fail("hidden_size", f"{vision.hidden_size} is not divisible by num_attention_heads "
+                        f"{vision.num_attention_heads}")
+        if vision.image_size != 336 or vision.grid % 2 or vision.image_size % vision.patch_size:
+            f.fail("vision_config.image_size", f"{vision.image_size} / patch_size {vision.patch_size} must give "
+                   "336 px crops with an even patch grid")
+        dim_out = ip.int("image_dim_out", vision.hidden_size)
         if dim_out != vision.hidden_size:
-            bad(f"img_processor.image_dim_out={dim_out} differs from the CLIP width {vision.hidden_size}")
+            ip.fail("image_dim_out", f"= {dim_out} differs from the CLIP width {vision.hidden_size}")
         used = vision.num_hidden_layers + 1 + layer_idx if layer_idx < 0 else layer_idx
         if not 1 <= used <= vision.num_hidden_layers:
-            bad(f"img_processor.layer_idx={layer_idx} is out of range for {vision.num_hidden_layers} CLIP layers")
+            ip.fail("layer_idx", f"= {layer_idx} is out of range for {vision.num_hidden_layers} CLIP layers")
 
-        orig = d.get("original_max_position_embeddings", 4096)
         return cls(
-            vocab_size=d.get("vocab_size", 32064), hidden_size=hidden,
-            intermediate_size=d.get("intermediate_size", 8192), num_hidden_layers=d.get("num_hidden_layers", 32),
-            num_attention_heads=heads, rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=float(d.get("rope_theta", 10000.0)),
-            max_position_embeddings=d.get("max_position_embeddings", orig), original_max_position_embeddings=orig,
-            rope_short_factor=short, rope_long_factor=long, bos_token_id=d.get("bos_token_id", 1),
-            pad_token_id=d.get("pad_token_id", 32000) if d.get("pad_token_id") is not None else 32000,
-            image_dim_out=dim_out, num_img_tokens=ip.get("num_img_tokens", 144), clip_layer_idx=layer_idx,
-            vision=vision, name_or_path=name_or_path or d.get("_name_or_path", ""))
+            hidden_size=hidden, num_attention_heads=heads, **sizes,
+            rms_norm_eps=f.number("rms_norm_eps", 1e-5, above=0),
+            rope_theta=float(f.number("rope_theta", 10000.0, above=0)), original_max_position_embeddings=orig,
+            rope_short_factor=short, rope_long_factor=long,
+            bos_token_id=f.int("bos_token_id", 1, min=0, null=True),
+            pad_token_id=f.int("pad_token_id", 32000, min=0, null=True),
+            image_dim_out=dim_out, num_img_tokens=ip.int("num_img_tokens", 144), clip_layer_idx=layer_idx,
+            vision=vision, name_or_path=name_or_path or f.string("_name_or_path", "", null=True))
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Phi3VConfig":
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no config.json at {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(d, name_or_path=str(path.parent))
+        if not path.is_file():
+            raise FileNotFoundError(f"no config.json at {path}")
+        return cls.from_dict(read_json(path), name_or_path=str(path.parent), source=str(path))
 
     def to_dict(self) -> dict:
         """The official config.json layout (what save_pretrained writes)."""

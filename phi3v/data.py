@@ -8,7 +8,6 @@ train on every assistant turn.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from PIL import Image
 
 from .config import CROP, MAX_INPUT_ID, crop_grid_tokens
 from .processor import IMAGE_TAG, Processor, num_image_tokens, user_content
-from .schema import validate_record
+from .schema import jsonl_lines, parse_line, validate_record
 
 ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
 
@@ -63,16 +62,11 @@ class JsonlDataset(torch.utils.data.Dataset):
         self.records: list[Record] = []
         self.skipped: list[str] = []      # "file:line: reason" of every dropped malformed record
         self.dropped: list[str] = []      # ids of samples longer than max_length
-        lines = enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1)
-        for line_no, line in (progress(lines) if progress else lines):
-            if not line.strip():
-                continue
+        lines = jsonl_lines(self.path)
+        for line_no, raw in (progress(lines) if progress else lines):
             where = f"{self.path}:{line_no}"
             try:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+                rec = parse_line(raw, where)
                 validate_record(rec, where)
                 length = self.count_tokens(rec, where)
             except ValueError as e:

@@ -9,14 +9,18 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import string
+import tempfile
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
 from .config import Phi3VConfig
+from .jsonfile import write_text_atomic
 from .model import Phi3V
 
 CLASSES = ["Ball", "Cube", "Line", "Ring"]
@@ -76,18 +80,28 @@ def demo_config() -> Phi3VConfig:
 def write_base_model(out_dir: str | Path, seed: int = 0, num_crops: int = 1, config: Phi3VConfig | None = None,
                      dtype=None, device: str = "cpu") -> Path:
     """Write a randomly initialised model (default: the demo's tiny one; bench/ writes the real sizes)
-    + tokenizer + preprocessor config as an HF-layout directory."""
+    + tokenizer + preprocessor config as an HF-layout directory.
+
+    Everything is written into a temporary folder and moved in with config.json last: a kill
+    midway never leaves a folder that has config.json (what train.py checks) but lacks a file."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = Phi3V.from_config(config or demo_config(), seed=seed, device=device)
-    (model.to(dtype) if dtype is not None else model).save_pretrained(out)
-    tok, tok_cfg = build_tokenizer()
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "do_convert_rgb": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Phi3VImageProcessor",
-        "num_crops": num_crops, "num_img_tokens": 144, "processor_class": "Phi3VProcessor"}, indent=2))
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-demo-model-", dir=out))
+    try:
+        model = Phi3V.from_config(config or demo_config(), seed=seed, device=device)
+        (model.to(dtype) if dtype is not None else model).save_pretrained(tmp)
+        del model
+        tok, tok_cfg = build_tokenizer()
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+        (tmp / "preprocessor_config.json").write_text(json.dumps({
+            "do_convert_rgb": True, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "image_processor_type": "Phi3VImageProcessor",
+            "num_crops": num_crops, "num_img_tokens": 144, "processor_class": "Phi3VProcessor"}, indent=2))
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -112,11 +126,15 @@ def draw_frame(cls: str, k: int, rng: random.Random, size=(96, 72), start=(0, 0)
 
 
 def write_dataset(out_dir: str | Path, n_train: int = 96, n_val: int = 24, n_test: int = 24, seed: int = 0) -> Path:
-    """`out_dir/images/{split}/{Class}/v_{Class}_gXX_cYY.{k}.jpg` + `ucf101_{split}.jsonl` (recipe layout)."""
+    """`out_dir/images/{split}/{Class}/v_{Class}_gXX_cYY.{k}.jpg` + `ucf101_{split}.jsonl` (recipe layout).
+
+    The jsonl files are written after all images, each whole (temporary file + rename), the train
+    split last: a folder with ucf101_train.jsonl (what train.py checks) is complete."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     counter = 0
+    texts = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         lines = []
         for i in range(n):
@@ -133,5 +151,7 @@ def write_dataset(out_dir: str | Path, n_train: int = 96, n_val: int = 24, n_tes
                    "conversations": [{"images": paths, "user": PROMPT, "assistant": cls}]}
             lines.append(json.dumps(rec))
             counter += 1
-        (out / f"ucf101_{split}.jsonl").write_text("\n".join(lines) + "\n")
+        texts[split] = "\n".join(lines) + "\n"
+    for split in ("test", "val", "train"):
+        write_text_atomic(out / f"ucf101_{split}.jsonl", texts[split])
     return out

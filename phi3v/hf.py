@@ -14,13 +14,14 @@ import os
 import re
 import shutil
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import Phi3VConfig
+from .jsonfile import Fields, read_json, show
 
 # (HF prefix, our prefix), most specific first
 PREFIXES = [
@@ -94,13 +95,18 @@ def checkpoint_files(d: Path) -> dict[str, Path]:
     """HF key -> safetensors file, from model.safetensors.index.json or a single model.safetensors."""
     index = d / "model.safetensors.index.json"
     if index.exists():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index}: not a valid safetensors index ({e})") from None
-        files = {k: d / f for k, f in wm.items()}
-        for f in set(files.values()):
-            if not f.exists():
+        top = Fields(read_json(index), str(index))
+        wm = top.object("weight_map")
+        if not wm.obj:
+            top.fail("weight_map", "is empty")
+        files = {}
+        for k, name in wm.obj.items():
+            p = PurePosixPath(name) if isinstance(name, str) else None
+            if p is None or not name or p.is_absolute() or ".." in p.parts:
+                wm.fail(k, f"must name a shard file beside the index, got {show(name)}")
+            files[k] = d / name
+        for f in sorted(set(files.values())):
+            if not f.is_file():
                 raise FileNotFoundError(f"{index} names shard {f.name}, which is missing")
         return files
     single = d / "model.safetensors"

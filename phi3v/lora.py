@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LM_LINEARS
 from .hf import is_unused, to_hf, to_ours
+from .jsonfile import Fields, read_json, show
 from .nf4 import NF4Linear
 
 PEFT_PREFIX = "base_model.model."
@@ -37,8 +38,12 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, (nn.Linear, NF4Linear)):
             raise ValueError(f"LoRA wraps nn.Linear or NF4Linear, got {type(base_layer).__name__}")
-        if rank <= 0:
-            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
+            raise ValueError(f"LoRA alpha must be a number > 0, got {alpha!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         self.base_layer = base_layer.requires_grad_(False)
@@ -191,6 +196,8 @@ def apply_lora(model: nn.Module, rank: int = 64, alpha: float = 128, dropout: fl
     if default:
         targets = list(LM_LINEARS)
     elif not isinstance(targets, str):
+        if not isinstance(targets, (list, tuple, set, frozenset)) or not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"apply_lora: targets must be a regex string or a list of module names, got {targets!r}")
         targets = list(targets)
         if not targets:
             raise ValueError("apply_lora: empty targets")
@@ -317,32 +324,44 @@ def save_adapter(model: nn.Module, adapter_dir, base_model_name_or_path: str | N
 
 # ------------------------------------------------------------------------------------------------
 def _read_config(d: Path) -> dict:
+    """adapter_config.json, validated: {"r", "lora_alpha", "lora_dropout", "use_rslora", "init",
+    "target_modules", "base_model_name_or_path"}. Errors name the file and the field."""
     path = d / CONFIG_NAME
-    if not path.exists():
+    if not d.is_dir():
+        raise FileNotFoundError(f"adapter directory {d} does not exist")
+    if not path.is_file():
         raise FileNotFoundError(f"{d} has no {CONFIG_NAME} (not a peft adapter directory)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
-    for key in ("r", "lora_alpha", "target_modules"):
-        if cfg.get(key) is None:
-            raise ValueError(f"{path}: {key!r} is missing")
+    f = Fields(read_json(path), str(path))
+    if f.string("peft_type", "LORA", null=True) != "LORA":
+        f.fail("peft_type", f"= {f.value('peft_type')!r}; only LORA adapters are supported")
     # options that change the maths or the module set, which we do not implement
     unsupported = {"bias": "none", "fan_in_fan_out": False, "use_dora": False, "modules_to_save": None,
                    "layers_to_transform": None, "layers_pattern": None, "layer_replication": None,
                    "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None, "lora_bias": False,
                    "target_parameters": None, "trainable_token_indices": None}
     for key, ok in unsupported.items():
-        v = cfg.get(key, ok)
+        v = f.value(key, ok)
         if v != ok and (v or ok):      # null / [] / {} / false all mean "off"
-            raise ValueError(f"{path}: {key}={v!r} is not supported (only plain LoRA: {key}={ok!r})")
+            f.fail(key, f"= {show(v)} is not supported (only plain LoRA: {key}={show(ok)})")
     # PiSSA, OLoRA, LoftQ, ... initialisations rewrite the base weights: the adapter alone is not enough
-    if cfg.get("init_lora_weights", True) not in (True, False, "gaussian"):
-        raise ValueError(f"{path}: init_lora_weights={cfg['init_lora_weights']!r} adapters need the base weights "
-                         "that initialisation modified; convert it to a plain LoRA adapter with peft first")
-    return cfg
+    init = f.value("init_lora_weights", True, null=True)
+    if init not in (True, False, "gaussian"):
+        f.fail("init_lora_weights", f"= {show(init)}: such adapters need the base weights that initialisation "
+               "modified; convert it to a plain LoRA adapter with peft first")
+    targets = f.value("target_modules")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            f.fail("target_modules", f"is not a valid regular expression ({e}): {targets!r}")
+    elif not (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)):
+        f.fail("target_modules", f"must be a regular expression or a non-empty list of module names, got "
+               f"{show(targets)}")
+    return {"r": f.int("r"), "lora_alpha": f.number("lora_alpha", above=0),
+            "lora_dropout": f.number("lora_dropout", 0.0, min=0, below=1, null=True),
+            "use_rslora": f.boolean("use_rslora", False, null=True),
+            "init": "gaussian" if init == "gaussian" else "kaiming", "target_modules": targets,
+            "base_model_name_or_path": f.string("base_model_name_or_path", None, null=True)}
 
 
 def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
@@ -353,7 +372,10 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{st}: cannot read safetensors file ({e})") from None
     if pt.exists():
-        return torch.load(pt, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for corrupt files
+            raise ValueError(f"{pt}: cannot read ({e})") from None
     raise FileNotFoundError(f"{d} has neither {WEIGHTS_NAME} nor adapter_model.bin")
 
 
@@ -394,12 +416,10 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
                          "without LoRA (e.g. straight from Phi3V.from_pretrained)")
     d = Path(adapter_dir)
     cfg = _read_config(d)
-    r, alpha = int(cfg["r"]), cfg["lora_alpha"]
-    dropout, rslora = float(cfg.get("lora_dropout") or 0.0), bool(cfg.get("use_rslora", False))
-    init = "gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming"
-    targets = cfg["target_modules"]
+    r, alpha, dropout, rslora = cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"]
+    init, targets = cfg["init"], cfg["target_modules"]
 
-    base = cfg.get("base_model_name_or_path")
+    base = cfg["base_model_name_or_path"]
     ours = getattr(getattr(model, "config", None), "name_or_path", "")
     # compare the last path component: a hub id and its local snapshot/copy share it
     if base and ours and Path(str(base).rstrip("/")).name != Path(str(ours).rstrip("/")).name:

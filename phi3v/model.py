@@ -258,6 +258,48 @@ class Phi3V(nn.Module):
                 x = run_block(block, self.recompute, self.compiled, x, cos, sin, mask)
         return self.norm(x)
 
+    def check_inputs(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, labels=None,
+                     position_ids=None, past: int = 0) -> None:
+        """Validate the public API's tensor arguments (forward / hidden / generate): ValueError naming
+        the argument and what is wrong. Not used by the training path (its inputs come from
+        data.collate, checked on the CPU)."""
+        v = self.config.vocab_size
+        if not _is_int_tensor(input_ids) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be an integer tensor [B, T], got {_describe(input_ids)}")
+        b, t = input_ids.shape
+        if b == 0 or t == 0:
+            raise ValueError(f"input_ids is empty (shape [{b}, {t}]): every row needs at least one token")
+        if not input_ids.is_meta:
+            lo, hi = input_ids.min().item(), input_ids.max().item()
+            if hi >= v:
+                raise ValueError(f"input_ids holds token id {hi}, but the vocabulary has {v} ids (0..{v - 1})")
+            if lo <= -MAX_INPUT_ID:
+                raise ValueError(f"input_ids holds {lo}: negative ids are image placeholders in "
+                                 f"(-{MAX_INPUT_ID}, 0), anything lower is neither a token nor an image")
+        if attention_mask is not None:
+            if not torch.is_tensor(attention_mask) or tuple(attention_mask.shape) != (b, past + t):
+                raise ValueError(f"attention_mask must be a tensor [B, cache+T] = [{b}, {past + t}], got "
+                                 f"{_describe(attention_mask)}")
+            if not attention_mask.is_meta and not ((attention_mask == 0) | (attention_mask == 1)).all():
+                raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        if labels is not None:
+            if not _is_int_tensor(labels) or tuple(labels.shape) != (b, t):
+                raise ValueError(f"labels must be an integer tensor shaped like input_ids [{b}, {t}], got "
+                                 f"{_describe(labels)}")
+            bad = (labels != -100) & ((labels < 0) | (labels >= v))
+            if not labels.is_meta and bad.any():
+                raise ValueError(f"labels hold {labels[bad][0].item()}: each label must be a token id in "
+                                 f"0..{v - 1} or -100 (ignored)")
+        if position_ids is not None and (not _is_int_tensor(position_ids) or tuple(position_ids.shape) != (b, t)):
+            raise ValueError(f"position_ids must be an integer tensor [{b}, {t}], got {_describe(position_ids)}")
+        if (pixel_values is None) != (image_sizes is None):
+            raise ValueError("pixel_values and image_sizes go together: give both or neither")
+        if pixel_values is not None:
+            if not torch.is_tensor(pixel_values) or not pixel_values.is_floating_point():
+                raise ValueError(f"pixel_values must be a float tensor, got {_describe(pixel_values)}")
+            if not _is_int_tensor(image_sizes):
+                raise ValueError(f"image_sizes must be an integer tensor [n_images, 2], got {_describe(image_sizes)}")
+
     def hidden(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
                position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
         """The reference forward up to the final norm: hidden states [B, T, D].
@@ -266,6 +308,12 @@ class Phi3V(nn.Module):
         as the reference's eager attention does. Without position_ids positions are arange from the
         cache length for every row (also with left padding, like the reference).
         """
+        self.check_inputs(input_ids, attention_mask, pixel_values, image_sizes, position_ids=position_ids,
+                          past=cache.length if cache is not None else 0)
+        return self._hidden(input_ids, attention_mask, pixel_values, image_sizes, position_ids, cache)
+
+    def _hidden(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None,
+                position_ids=None, cache: KVCache | None = None) -> torch.Tensor:
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
@@ -274,8 +322,6 @@ class Phi3V(nn.Module):
         s = past + t
         long = s > self.config.original_max_position_embeddings
         if attention_mask is not None and not bool(attention_mask.all()):
-            if attention_mask.shape != (b, s):
-                raise ValueError(f"attention_mask must be [B, cache+T] = [{b}, {s}], got {list(attention_mask.shape)}")
             # additive mask with finfo.min (as the reference): fully masked rows stay finite
             keep = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(past)[None] & attention_mask.bool()[:, None]
             mask = torch.zeros(b, 1, t, s, dtype=x.dtype, device=x.device)
@@ -321,12 +367,13 @@ class Phi3V(nn.Module):
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, labels=None,
                 position_ids=None) -> Phi3VOutput:
         """Reference-compatible forward: hidden states, float32 logits, and the shifted mean CE loss."""
-        h = self.hidden(input_ids, attention_mask, pixel_values, image_sizes, position_ids)
+        self.check_inputs(input_ids, attention_mask, pixel_values, image_sizes, labels, position_ids)
+        h = self._hidden(input_ids, attention_mask, pixel_values, image_sizes, position_ids)
         logits = self.lm_head(h).float()
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                   labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+                                   labels[:, 1:].reshape(-1).to(logits.device, torch.long), ignore_index=-100)
         return Phi3VOutput(hidden_states=h, logits=logits, loss=loss)
 
     # ----------------------------------------------------------------------------------------
@@ -340,6 +387,18 @@ class Phi3V(nn.Module):
         Images are encoded at prefill only. When the sequence crosses original_max_position_embeddings
         the cache is dropped once and everything is re-run with the long factors (Phi-3.5's rule).
         """
+        self.check_inputs(input_ids, attention_mask, pixel_values, image_sizes)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if do_sample and not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a number > 0 for sampling, got {temperature!r}")
+        if do_sample and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if attention_mask is not None:
+            if not (attention_mask[:, 1:] >= attention_mask[:, :-1]).all():
+                raise ValueError("generate needs left-padded prompts: attention_mask has a 0 after a 1 in a row")
+            if not attention_mask[:, -1].bool().all():
+                raise ValueError("attention_mask has a row without tokens (an empty prompt)")
         b, t0 = input_ids.shape
         dev = self.device
         ids = input_ids.to(dev)
@@ -356,12 +415,12 @@ class Phi3V(nn.Module):
                 cache.length = 0     # crossing into the long regime: recompute with long factors
             new = ids[:, cache.length:]
             pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, cache.length:]
-            h = self.hidden(new, mask if not bool(mask.all()) else None,
-                            pixel_values if cache.length == 0 else None,
-                            image_sizes if cache.length == 0 else None, pos, cache)
+            h = self._hidden(new, mask if not bool(mask.all()) else None,
+                             pixel_values if cache.length == 0 else None,
+                             image_sizes if cache.length == 0 else None, pos, cache)
             logits = self.lm_head(h[:, -1]).float()                       # [B, V]
             if do_sample:
-                nxt = sample_top_p(logits / max(temperature, 1e-5), top_p, generator)
+                nxt = sample_top_p(logits / temperature, top_p, generator)
             else:
                 nxt = logits.argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
@@ -372,6 +431,16 @@ class Phi3V(nn.Module):
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         return torch.stack(out, dim=1) if out else ids.new_zeros(b, 0)
+
+
+def _is_int_tensor(x) -> bool:
+    return torch.is_tensor(x) and not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+
+
+def _describe(x) -> str:
+    if torch.is_tensor(x):
+        return f"{x.dtype} tensor of shape {list(x.shape)}"
+    return type(x).__name__
 
 
 def sample_top_p(logits: torch.Tensor, top_p: float, generator=None) -> torch.Tensor:

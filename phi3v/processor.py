@@ -24,6 +24,7 @@ from PIL import Image
 from tokenizers import Tokenizer, processors
 
 from .config import CROP, crop_grid_tokens
+from .jsonfile import Fields, read_json, show, write_atomic, write_text_atomic
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -245,8 +246,8 @@ class Processor:
             if tokenizer.token_to_id(tok) is None:
                 raise ValueError(f"tokenizer has no token {tok!r}")
         # LlamaTokenizerFast rebuilds the post-processor from add_bos_token/add_eos_token
-        add_bos = cfg.get("add_bos_token", True)
-        add_eos = cfg.get("add_eos_token", False)
+        add_bos = cfg.get("add_bos_token") is not False     # absent or null: the defaults
+        add_eos = cfg.get("add_eos_token") is True
         bos, eos = self.bos_token, self.eos_token
         single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
         pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
@@ -268,19 +269,49 @@ class Processor:
             path = Path(snapshot_download(str(path_or_hub_id), allow_patterns=list(_FILES)))
         if not (path / "tokenizer.json").is_file():
             raise ValueError(f"no tokenizer.json in {path}")
+        tok_path = path / "tokenizer.json"
+        raw = tok_path.read_bytes()
+        try:
+            tok_text = raw.decode("utf-8")
+            tokenizer = Tokenizer.from_str(tok_text)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{tok_path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+        except Exception as e:  # tokenizers raises its own exception type for a malformed file
+            raise ValueError(f"{tok_path}: not a valid tokenizers file: {e}") from None
 
-        def read_json(name):
+        def fields(name) -> Fields | None:
             f = path / name
-            return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else None
+            return Fields(read_json(f), str(f)) if f.is_file() else None
 
-        tok_text = (path / "tokenizer.json").read_text(encoding="utf-8")
-        pre_cfg = read_json("preprocessor_config.json") or {}
-        image_processor = ImageProcessor(
-            num_crops=pre_cfg.get("num_crops", 4) if num_crops is None else num_crops,
-            image_mean=pre_cfg.get("image_mean", CLIP_MEAN),
-            image_std=pre_cfg.get("image_std", CLIP_STD))
-        proc = cls(Tokenizer.from_str(tok_text), image_processor, read_json("tokenizer_config.json"),
-                   pre_cfg, read_json("special_tokens_map.json"))
+        pre = fields("preprocessor_config.json")
+        if num_crops is None:
+            num_crops = pre.int("num_crops", 4) if pre is not None else 4
+        mean, std = CLIP_MEAN, CLIP_STD
+        if pre is not None:
+            mean, std = pre.numbers("image_mean", CLIP_MEAN), pre.numbers("image_std", CLIP_STD, above=0)
+            for key, v in (("image_mean", mean), ("image_std", std)):
+                if len(v) != 3:
+                    pre.fail(key, f"must have 3 values (R, G, B), got {len(v)}")
+        tok_cfg = fields("tokenizer_config.json")
+        if tok_cfg is not None:
+            for key in ("bos_token", "eos_token", "pad_token"):
+                tok = tok_cfg.value(key, None)
+                if key not in tok_cfg or (tok is None and key == "pad_token"):
+                    continue            # the defaults (pad: the eos token)
+                text = _token_str(tok)
+                if not isinstance(text, str):
+                    tok_cfg.fail(key, f"must be a token string or an AddedToken object with a 'content' string, "
+                                      f"got {show(tok)}")
+                if tokenizer.token_to_id(text) is None:
+                    tok_cfg.fail(key, f"= {text!r} is not a token of {tok_path.name}")
+            for key, default in (("add_bos_token", True), ("add_eos_token", False)):
+                tok_cfg.boolean(key, default, null=True)
+        special = fields("special_tokens_map.json")
+        image_processor = ImageProcessor(num_crops=num_crops, image_mean=mean, image_std=std)
+        try:
+            proc = cls(tokenizer, image_processor, tok_cfg and tok_cfg.obj, pre and pre.obj, special and special.obj)
+        except ValueError as e:   # a default special token the tokenizer lacks
+            raise ValueError(f"{tok_path}: {e}") from None
         proc._tokenizer_json = tok_text
         return proc
 
@@ -288,10 +319,11 @@ class Processor:
         """Write tokenizer.json, tokenizer_config.json, preprocessor_config.json (+ special_tokens_map)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        # every file written whole or not at all (a kill mid-save never leaves a truncated file)
         if self._tokenizer_json is not None:
-            (out / "tokenizer.json").write_text(self._tokenizer_json, encoding="utf-8")
+            write_text_atomic(out / "tokenizer.json", self._tokenizer_json)
         else:
-            self.tokenizer.save(str(out / "tokenizer.json"))
+            write_atomic(out / "tokenizer.json", lambda p: self.tokenizer.save(str(p)))
         ip = self.image_processor
         pre_cfg = {**self.preprocessor_config, "num_crops": ip.num_crops,
                    "image_mean": list(ip.image_mean), "image_std": list(ip.image_std)}
@@ -299,8 +331,7 @@ class Processor:
                  "special_tokens_map.json": self.special_tokens_map}
         for name, obj in files.items():
             if obj:
-                (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
+                write_text_atomic(out / name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
     # --- token ids -----------------------------------------------------------------------
 

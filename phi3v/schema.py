@@ -72,18 +72,32 @@ def validate_record(obj, where: str) -> None:
             _fail(where, f"{f}.assistant", f"expected a non-empty string, got {turn['assistant']!r}")
 
 
-def iter_jsonl(path):
-    """Yield (line_no, record) for each non-blank line; ValueError names path:line on bad JSON.
+def jsonl_lines(path):
+    """Yield (line_no, raw bytes) for each non-blank line of a jsonl file (lines end at \\n only,
+    so a U+2028 inside a string never splits a record). Decode and parse with `parse_line`."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            if raw.strip():
+                yield line_no, raw
 
-    Records are parsed, not validated: call validate_record(rec, f"{path}:{line_no}").
+
+def parse_line(raw: bytes, where: str):
+    """One jsonl line -> its JSON value; ValueError naming `where` (file:line) if the line is not
+    UTF-8 or not JSON. A byte-order mark (first line of some editors' files) is ignored."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                         "save the file as UTF-8") from None
+    try:
+        return json.loads(text.removeprefix("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def iter_jsonl(path):
+    """Yield (line_no, record) for each non-blank line; ValueError names path:line on a line that
+    is not UTF-8 JSON. Records are parsed, not validated: call validate_record(rec, f"{path}:{line_no}").
     """
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg} (column {e.colno})") from None
-            yield line_no, rec
+    for line_no, raw in jsonl_lines(path):
+        yield line_no, parse_line(raw, f"{path}:{line_no}")

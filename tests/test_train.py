@@ -144,6 +144,62 @@ def test_sigkill_while_writing_checkpoint_resumes_bitwise(demo_dir, ref, tmp_pat
     assert_step_records(out, N)      # steps 3-4 logged before the kill appear once, not twice
 
 
+def test_sigkill_between_last_checkpoint_and_export_then_resume_completes(demo_dir, ref, tmp_path):
+    """Killed after the final checkpoint, before the evaluation and export: --resume must not call
+    the run finished but write every missing output (eval after, adapter, processor files, loss.png,
+    merged model), equal to the uninterrupted run's."""
+    args = lambda out: resumable(demo_dir, out) + ["--merge"]      # noqa: E731  (as the ref run)
+    for attempt in range(3):
+        out, log = tmp_path / f"run{attempt}", tmp_path / f"log{attempt}"
+        p = start(args(out), log)
+        kill_when(p, lambda: (out / "checkpoints" / f"step-{N}" / "COMPLETE").exists(), log)
+        if not (out / "adapter_model.safetensors").exists():
+            break
+    else:
+        pytest.fail("could not land a SIGKILL between the last checkpoint and the export in 3 tries")
+    assert json.loads((out / "eval.json").read_text())["after"] is None
+    r = train(args(out) + ["--resume"])
+    assert f"resumed from {out / 'checkpoints' / f'step-{N}'}" in r.stdout
+    assert "writing the missing outputs: eval after, adapter, processor files, loss.png, merged model" in r.stdout
+    assert "nothing to do" not in r.stdout
+    bad = differing(final_state(out, N), final_state(ref[0], N))
+    assert not bad, f"completed run differs from the uninterrupted one in {bad[:5]}"
+    assert json.loads((out / "eval.json").read_text()) == json.loads((ref[0] / "eval.json").read_text())
+    assert [m.get("eval") for m in metrics(out) if "loss" not in m] == ["before", "after"]
+    assert_step_records(out, N)
+    for name in ("loss.png", "tokenizer.json", "preprocessor_config.json", "merged/config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "merged" / "model.safetensors").read_bytes() == (ref[0] / "merged" / "model.safetensors").read_bytes()
+    again = train(args(out) + ["--resume"])
+    assert "already finished" in again.stdout and "nothing to do" in again.stdout
+
+
+def test_damaged_newest_checkpoint_falls_back_or_refuses(demo_dir, ref, tmp_path):
+    """A file of the newest checkpoint damaged in place (same size): `--resume` says so and resumes
+    from the checkpoint before it (ending bitwise like the uninterrupted run); `--resume DIR` on the
+    damaged one refuses in one line."""
+    out = tmp_path / "damaged"
+    shutil.copytree(ref[0], out)
+    ck = out / "checkpoints" / f"step-{N}"
+    r = train(resumable(demo_dir, out) + ["--resume", "--lora_rank", 8], check=False)     # other settings
+    assert r.returncode == 1 and r.stderr.strip() == (f"train.py: error: --resume {ck}: the checkpoint was trained "
+                                                      "with lora_rank=16, this run has lora_rank=8; resume with the "
+                                                      "same settings"), r.stderr
+    f = ck / "optim_rank0.pt"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    r = train(resumable(demo_dir, out) + ["--resume", ck], check=False)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"train.py: error: --resume {ck}: {f} is damaged"), lines[0]
+    r = train(resumable(demo_dir, out) + ["--resume"])
+    assert f"cannot use {ck}: {f} is damaged" in r.stdout and "falling back" in r.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step-2'}" in r.stdout
+    bad = differing(final_state(out, N), final_state(ref[0], N))
+    assert not bad, f"resumed run differs from the uninterrupted one in {bad[:5]}"
+
+
 def test_resume_finished_run_does_nothing(demo_dir, ref, tmp_path):
     out = tmp_path / "done"
     shutil.copytree(ref[0], out)
