@@ -156,7 +156,8 @@ def main(argv=None):
     print(f"ratio ZeroAdamW / torch                         {ours / ref:9.2f}")
     if args.check:
         worst = check(shp, device)
-        print(f"check: ZeroAdamW == clip_grad_norm_ + AdamW(foreach=False), max |diff| {worst:.2g} (atol 1e-6, rtol 1e-5)")
+        print(f"check: ZeroAdamW == clip_grad_norm_ + AdamW(foreach=False), max |diff| {worst:.2g} "
+              "(atol 1e-6, rtol 1e-5)")
 
 
 if __name__ == "__main__":

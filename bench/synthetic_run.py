@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     cmd = [sys.executable, str(REPO / "train.py"), "--task", "docvqa", "--data_dir", str(data_dir), "--model",
            str(model_dir), "--output_dir", str(run_dir), f"--{a.mode}", "--max_steps", str(a.steps),
            "--batch_size", str(a.batch_size), "--logging_steps", "1", "--max_eval_samples", "1",
-           "--max_new_tokens", "4", "--no_tqdm"] + (["--freeze_vision"] if a.freeze_vision else []) + a.train_args.split()
+           "--max_new_tokens", "4", "--no_tqdm"]
+    cmd += (["--freeze_vision"] if a.freeze_vision else []) + a.train_args.split()
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t0

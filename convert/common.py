@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
+from phi3v import cli as phi3v_cli
 from phi3v.schema import jsonl_lines, make_record, make_turn, validate_record
 
 # Formats PIL reads that we keep byte-for-byte; anything else is re-encoded to PNG.
@@ -401,6 +402,18 @@ def item_id(item: dict, index: int, stem: str) -> str:
     return str(rid)
 
 
+def val_rows_option(default: int) -> tuple:
+    """The --val_rows option of the converters that read Cauldron parquet (docvqa, hateful_memes, nlvr2)."""
+    return (["--val_rows"], dict(type=phi3v_cli.non_negative_int, default=default,
+                                 help=f"Cauldron only: first N train rows go to val (default {default})"))
+
+
+def chat_file_options(source: str) -> tuple:
+    """The extra CLI options of the chat-format converters (llava, sharegpt), for `cli`."""
+    return ((["--image_folder"], dict(default=None, help="folder the local image paths are relative to")),
+            (["--source"], dict(default=source, help=f'value of the "source" field (default {source})')))
+
+
 def convert_chat_file(src, out_dir, to_record, image_folder=None, source: str = "", strict: bool = False,
                       progress: bool = False) -> dict:
     """Shared loop of the chat-format converters (llava, sharegpt): one json/jsonl file in,
@@ -429,8 +442,6 @@ def cli(convert_fn, doc: str, *options, workers: bool = False) -> None:
     whose dest is a keyword of `convert_fn`. Prints the stats as JSON, or one error line
     `convert.<name>: error: ...` and exit 1 (bad arguments: exit 2)."""
     import argparse
-
-    from phi3v import cli as phi3v_cli
 
     prog = phi3v_cli.program_name()
     p = phi3v_cli.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -17,11 +17,10 @@ json's "dataset_split". Questions without answers (the official test set) are sk
 import json
 from pathlib import Path, PurePosixPath
 
-from phi3v.cli import non_negative_int
 from phi3v.schema import make_record, make_turn
 
 from .common import (ConvertError, Output, add_cauldron, cli, find_files, image_ext, is_cauldron, parquet_rows,
-                     read_text, safe_name, split_from_name, split_of)
+                     read_text, safe_name, split_from_name, split_of, val_rows_option)
 
 NAME = "docvqa"
 SUFFIX = "\nAnswer briefly."
@@ -116,4 +115,4 @@ def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows
 
 
 if __name__ == "__main__":
-    cli(convert, __doc__, (["--val_rows"], dict(type=non_negative_int, default=0, help="Cauldron only: first N train rows go to val (default 0)")))
+    cli(convert, __doc__, val_rows_option(0))

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from phi3v.schema import make_record, make_turn
 
-from .common import cli, convert_chat_file, item_id, local_image, pair_turns, strip_placeholders
+from .common import (chat_file_options, cli, convert_chat_file, item_id, local_image, pair_turns,
+                     strip_placeholders)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -67,5 +68,4 @@ def convert(src, out_dir, image_folder=None, source: str = "llava", strict: bool
 
 
 if __name__ == "__main__":
-    cli(convert, __doc__, (["--image_folder"], dict(default=None, help="folder the local image paths are relative to")),
-        (["--source"], dict(default="llava", help='value of the "source" field (default llava)')))
+    cli(convert, __doc__, *chat_file_options("llava"))

@@ -16,10 +16,9 @@ RAW (a folder, searched recursively, or one file) may hold:
 """
 from pathlib import Path
 
-from phi3v.cli import non_negative_int
 from phi3v.schema import make_record, make_turn
 
-from .common import Output, add_release_and_cauldron, cli, find_files, read_json_or_jsonl
+from .common import Output, add_release_and_cauldron, cli, find_files, read_json_or_jsonl, val_rows_option
 
 NAME = "nlvr2"
 PROMPT = 'Is this statement about the left and right images true or false? "{sentence}"\nAnswer true or false.'
@@ -71,4 +70,4 @@ def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows
 
 
 if __name__ == "__main__":
-    cli(convert, __doc__, (["--val_rows"], dict(type=non_negative_int, default=500, help="Cauldron only: first N train rows go to val (default 500)")))
+    cli(convert, __doc__, val_rows_option(500))

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from phi3v.schema import make_record, make_turn
 
-from .common import (cli, content_name, convert_chat_file, decode_data_url, image_ext, item_id, local_image,
-                     pair_turns, strip_placeholders)
+from .common import (chat_file_options, cli, content_name, convert_chat_file, decode_data_url, image_ext, item_id,
+                     local_image, pair_turns, strip_placeholders)
 
 
 def _image(ref, stem: str, folder: Path) -> tuple:
@@ -103,5 +103,4 @@ def convert(src, out_dir, image_folder=None, source: str = "sharegpt", strict: b
 
 
 if __name__ == "__main__":
-    cli(convert, __doc__, (["--image_folder"], dict(default=None, help="folder the local image paths are relative to")),
-        (["--source"], dict(default="sharegpt", help='value of the "source" field (default sharegpt)')))
+    cli(convert, __doc__, *chat_file_options("sharegpt"))

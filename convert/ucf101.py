@@ -4,10 +4,11 @@
 
 `--src` holds train/ val/ test/, each with <Class>/*.avi, or is a folder whose only child is
 UCF101_subset/, or is the recipe's download UCF101_subset.tar.gz (or a hub snapshot folder holding
-just that archive), which is extracted to a temporary folder. Differences from the recipe script: videos are taken in sorted order rather
-than glob order, a video that cannot be read or has fewer frames than asked for is skipped
-(OUT/skipped.jsonl) and its id is left unused so the others keep theirs, and with a num_frames
-whose float stride yields one index too many only the first num_frames indices are kept.
+just that archive), which is extracted to a temporary folder. Differences from the recipe script:
+videos are taken in sorted order rather than glob order, a video that cannot be read or has fewer
+frames than asked for is skipped (OUT/skipped.jsonl) and its id is left unused so the others keep
+theirs, and with a num_frames whose float stride yields one index too many only the first
+num_frames indices are kept.
 Needs PyAV (`pip install phi3v[video]`).
 """
 import tarfile

@@ -32,8 +32,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.
         if isinstance(mask, str) or mask is None:
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, isinstance(mask, str))[0]
         bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device) if mask.dtype == torch.bool else mask
-        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias.expand(*q.shape[:2], *mask.shape[2:]),
-                                                                      True)[0]
+        bias = bias.expand(*q.shape[:2], *mask.shape[2:])                   # [B, H, T, S]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True)[0]
     if isinstance(mask, str):   # "causal": no padding, no past keys
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

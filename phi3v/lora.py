@@ -75,7 +75,8 @@ class LoRALinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         if isinstance(self.base_layer, NF4Linear):
-            raise AttributeError("the base layer is NF4-quantised and has no float weight (use .base_layer.dequantize())")
+            raise AttributeError("the base layer is NF4-quantised and has no float weight "
+                                 "(use .base_layer.dequantize())")
         return self.base_layer.weight
 
     @property

@@ -223,7 +223,8 @@ def advise(budget_gb: float, batch_for=None, **kw) -> str | None:
     if not kw.get("offload_optimizer"):
         tries.append(("--offload_optimizer on", {"offload_optimizer": True}))
     mode = kw.get("mode", "lora")
-    tries += [("--qlora", {"mode": "qlora"})] if mode == "lora" else [("--lora", {"mode": "lora"})] if mode == "full" else []
+    if mode in ("lora", "full"):
+        tries.append(("--qlora", {"mode": "qlora"}) if mode == "lora" else ("--lora", {"mode": "lora"}))
     if not kw.get("freeze_vision"):
         tries.append(("--freeze_vision", {"freeze_vision": True}))
     for flag, change in tries:

@@ -9,7 +9,7 @@ Extra top-level fields are allowed (e.g. DocVQA's "answers"). The training data 
 the evaluation and the converters (convert/) all read and write records through this module.
 """
 import json
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from .processor import IMAGE_TAG
 
