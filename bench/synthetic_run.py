@@ -28,7 +28,6 @@ import torch                                  # noqa: E402
 from PIL import Image                         # noqa: E402
 
 from phi3v import Phi3VConfig, demo           # noqa: E402
-from phi3v.processor import num_image_tokens  # noqa: E402
 from phi3v.schema import make_record, make_turn   # noqa: E402
 
 PAGE = (1680, 1008)      # width x height: a 3 x 5 crop grid at num_crops 16
@@ -82,7 +81,6 @@ def main(argv=None) -> int:
     sys.stderr.write(r.stdout[-4000:] + r.stderr[-4000:])
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line] if r.returncode == 0 else []
-    tokens = num_image_tokens(*PAGE, 16) + len(QUESTION) // 3     # orientation only; samples/s is measured
     timed = recs[a.warmup_steps:] or recs[-1:]
     tok_s = statistics.median(x["tokens_per_s"] for x in timed) if timed else None
     per_sample = None
@@ -95,7 +93,7 @@ def main(argv=None) -> int:
     row = {"impl": "phi3v", "mode": a.mode + ("_frozen_vision" if a.freeze_vision and a.mode == "full" else ""),
            "sample": "docvqa", "source": "train.py", "command": " ".join(cmd[1:]), "returncode": r.returncode,
            "config": {"train_py": plan, "steps": a.steps, "batch_size": a.batch_size, "timed_steps": len(timed)},
-           "tokens": per_sample or tokens, "tokens_per_s": tok_s,
+           "tokens": per_sample, "tokens_per_s": tok_s,
            "samples_per_s": tok_s / per_sample if tok_s and per_sample else None,
            "peak_mem_gb": max((x["peak_mem_gb"] for x in recs if "peak_mem_gb" in x), default=None), "wall_s": wall,
            "error": None if r.returncode == 0 else r.stderr.strip().splitlines()[-1:]}

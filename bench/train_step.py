@@ -49,8 +49,8 @@ import torch.nn as nn                           # noqa: E402
 
 from phi3v import Phi3V, Phi3VConfig, memory   # noqa: E402
 from phi3v.finetune import prepare   # noqa: E402
-from phi3v.config import CLIP_LINEARS, CROP, LM_LINEARS, crop_grid_tokens   # noqa: E402
-from phi3v.data import to_device, training_inputs   # noqa: E402
+from phi3v.config import CLIP_LINEARS, LM_LINEARS, crop_grids   # noqa: E402
+from phi3v.data import to_device                 # noqa: E402
 from phi3v.nf4 import bnb_available             # noqa: E402
 from phi3v.optim import ZeroAdamW, no_decay     # noqa: E402
 
@@ -67,35 +67,17 @@ HF_NOTE = ("hf image path: CLIPVisionModel (clip_layers_used layers, last_hidden
            "decoder see exactly the image-token count of phi3v; the crop stitching order is not reproduced "
            "(no effect on cost). Decoder: Phi3ForCausalLM(inputs_embeds, labels) with SDPA, full-vocab loss.")
 
-# name -> (images per sample, (crop rows, crop cols) of each image, num_crops, text tokens, answer tokens)
-SAMPLES = {
-    "docvqa": (1, (3, 5), 16, 90, 8),
-    "ucf": (8, (2, 2), 4, 60, 4),
-}
+# bench sample name -> the planner's task of the same shape (phi3v.memory.TASK_SAMPLES, PERF.md's samples)
+SAMPLES = {"docvqa": "docvqa", "ucf": "ucf101"}
 
 
 # ------------------------------------------------------------------------------------------------
 # the synthetic sample
 def make_sample(name: str, cfg: Phi3VConfig, seed: int = 0) -> dict:
-    """input_ids [1, T] (image k's positions hold -k), labels on the last answer tokens, crops."""
-    n_img, (hc, wc), num_crops, n_text, n_answer = SAMPLES[name]
-    g = torch.Generator().manual_seed(seed)
-    per_img = crop_grid_tokens(hc, wc, cfg.vision.grid // 2)
-    text = torch.randint(2, 32000, (n_text,), generator=g)
-    text[0] = cfg.bos_token_id
-    head = 4                                                   # <s><|user|>\n ... then the images
-    parts = [text[:head]] + [torch.full((per_img,), -(k + 1), dtype=torch.long) for k in range(n_img)]
-    parts.append(text[head:])
-    ids = torch.cat(parts)[None]                               # [1, T]
-    labels = torch.full_like(ids, -100)
-    labels[:, -n_answer:] = ids[:, -n_answer:]                 # the answer (+ <|end|>) is supervised
-    pixel_values = torch.randn(n_img, num_crops + 1, 3, CROP, CROP, generator=g)
-    image_sizes = torch.tensor([[hc * CROP, wc * CROP]] * n_img)
-    # the forward's inputs as train.py's collator prepares them (one sample: plain causal attention)
-    inputs = training_inputs(ids, torch.zeros_like(ids), labels, image_sizes)
-    return {**inputs, "labels": labels, "pixel_values": pixel_values, "image_sizes": image_sizes,
-            "n_targets": int(inputs["targets"].numel()), "n_images": n_img, "real_crops": n_img * (1 + hc * wc),
-            "image_tokens": n_img * per_img, "tokens": ids.shape[1]}
+    """One sample (micro-batch 1) as train.py's collator prepares it: input_ids [1, T] (image k's
+    positions hold -k), labels on the last answer tokens, crops; the planner's `sample_batch`."""
+    s = memory.sample_batch(cfg, SAMPLES[name], seed=seed)
+    return {**s, "tokens": s["input_ids"].shape[1]}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -146,7 +128,7 @@ class HFImageEmbed(nn.Module):
         self.g = cfg.vision.grid // 2
 
     def forward(self, pixel_values, image_sizes, n_tokens: int) -> torch.Tensor:
-        crops = [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes.tolist()]
+        crops = crop_grids(image_sizes)
         real = torch.cat([pixel_values[i, : 1 + hc * wc] for i, (hc, wc) in enumerate(crops)])
         f = self.clip(pixel_values=real).last_hidden_state[:, 1:]          # [N, G*G, C]
         n, _, c = f.shape

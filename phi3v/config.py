@@ -21,6 +21,11 @@ CROP = 336   # CLIP input size: HD images are tiled into CROP x CROP crops
 MAX_INPUT_ID = int(1e9)   # image placeholders are input ids in (-1e9, 0), as the reference's
 
 
+def crop_grids(image_sizes) -> list[tuple[int, int]]:
+    """(rows, cols) of sub-crops of each image, from image_sizes [n, 2] (padded height, width in pixels)."""
+    return [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes.tolist()]
+
+
 def crop_grid_tokens(h_crops: int, w_crops: int, g: int = 12) -> int:
     """Image tokens of one image of h x w crops (PHI3V_SPEC §5.8), the one home of the formula.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .config import CROP, MAX_INPUT_ID, crop_grid_tokens
+from .config import MAX_INPUT_ID, crop_grid_tokens, crop_grids
 from .processor import IMAGE_TAG, Processor, num_image_tokens, user_content
 from .schema import jsonl_lines, parse_line, validate_record
 
@@ -179,7 +179,7 @@ def training_inputs(input_ids: torch.Tensor, doc_ids: torch.Tensor, labels: torc
            "image_index": None, "crops": None}
     is_img = (input_ids < 0) & (input_ids > -MAX_INPUT_ID)
     if image_sizes is not None:
-        crops = [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes.tolist()]
+        crops = crop_grids(image_sizes)
         n_feats = sum(crop_grid_tokens(h, w) for h, w in crops)
         if n_feats != int(is_img.sum()):
             raise ValueError(f"input_ids hold {int(is_img.sum())} image placeholders but the images give "

@@ -61,7 +61,9 @@ def sample_batch(cfg: Phi3VConfig, task: str = "docvqa", num_crops: int | None =
                  micro_batch_size: int = 1, seed: int = 0) -> dict:
     """A collated micro-batch of `micro_batch_size` equal samples shaped like the task's (PERF.md):
     its images (with `num_crops`: each at the largest grid that many crops allow), its text, a short
-    supervised answer; `tokens` sets the total length (text fills what the images leave)."""
+    supervised answer; `tokens` sets the total length (text fills what the images leave). Like the
+    processor's output, each image has num_crops + 1 crops (the unused ones zero); values are random.
+    Also `n_targets`, and `n_images`, `real_crops`, `image_tokens` per sample (for bench/)."""
     if task not in TASK_SAMPLES:
         raise ValueError(f"task must be one of {sorted(TASK_SAMPLES)}, got {task!r}")
     n_img, grid, crops_default, n_text, n_answer = TASK_SAMPLES[task]
@@ -74,15 +76,21 @@ def sample_batch(cfg: Phi3VConfig, task: str = "docvqa", num_crops: int | None =
         n_text = tokens - n_img * per_img
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(2, 32000, (n_text,), generator=g)
+    text[0] = cfg.bos_token_id
+    # <s><|user|>\n ..., then image k's placeholder run (ids -k), then the rest of the text
     parts = [text[:4]] + [torch.full((per_img,), -(k + 1)) for k in range(n_img)] + [text[4:]]
     ids = torch.cat(parts)[None].expand(micro_batch_size, -1).contiguous()       # [B, T]
     labels = torch.full_like(ids, -100)
-    labels[:, -n_answer:] = ids[:, -n_answer:]
-    sizes = torch.tensor([[grid[0] * CROP, grid[1] * CROP]] * (n_img * micro_batch_size))
+    labels[:, -n_answer:] = ids[:, -n_answer:]                                   # the answer is supervised
+    n = n_img * micro_batch_size
+    sizes = torch.tensor([[grid[0] * CROP, grid[1] * CROP]] * n)
     # rows are separate samples of equal length: plain causal attention, as the collator gives
     batch = training_inputs(ids, torch.zeros_like(ids), labels, sizes, causal=True)
-    batch["pixel_values"] = torch.zeros(n_img * micro_batch_size, 1 + grid[0] * grid[1], 3, CROP, CROP)
-    return batch
+    pixels = torch.zeros(n, 1 + (num_crops or crops_default), 3, CROP, CROP)
+    pixels[:, :1 + grid[0] * grid[1]].normal_(generator=g)
+    return {**batch, "labels": labels, "pixel_values": pixels, "image_sizes": sizes,
+            "n_targets": int(batch["targets"].numel()), "n_images": n_img,
+            "real_crops": n_img * (1 + grid[0] * grid[1]), "image_tokens": n_img * per_img}
 
 
 class LiveBytes(TorchDispatchMode):

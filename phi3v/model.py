@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import hf
 from .attention import attention
-from .config import CROP, MAX_INPUT_ID, Phi3VConfig
+from .config import MAX_INPUT_ID, Phi3VConfig, crop_grids
 from .loss import chunked_ce
 from .recompute import check_policy, run_block
 from .vision import ImageEmbedding, check_image_inputs
@@ -244,8 +244,7 @@ class Phi3V(nn.Module):
             raise ValueError(f"input_ids hold {n_pos} image placeholder positions but the {len(counts)} image(s) "
                              f"give {sum(counts)} features ({counts}); each <|image_k|> run must have exactly "
                              "the processor's token count, and images must be in placeholder order")
-        crops = [(int(h) // CROP, int(w) // CROP) for h, w in image_sizes.tolist()]
-        feats = self.vision(pixel_values.to(self.device), crops)             # [n_pos, D]
+        feats = self.vision(pixel_values.to(self.device), crop_grids(image_sizes))      # [n_pos, D]
         # k-th placeholder in row-major order gets the k-th feature row (the ids' values are ignored)
         return x.index_put(torch.nonzero(is_img, as_tuple=True), feats.to(x.dtype))
 
