@@ -450,19 +450,14 @@ def complete_run(cfg: TrainConfig, model: Phi3V, proc: Processor, run_eval, hist
         return
     log(f"training already finished ({step} steps); writing the missing outputs: {', '.join(missing)}")
     if "eval after" in missing:
-        eval_path, metrics = out / "eval.json", out / "metrics.jsonl"
-        after = run_eval()
-        log(f"eval after: {summary(after)}")
+        before = None
         if dist.is_main():
             try:
-                before = json.loads(eval_path.read_text()).get("before")
+                before = json.loads((out / "eval.json").read_text()).get("before")
             except (OSError, ValueError, AttributeError):
-                before = None          # never evaluated (or the file is gone): not made up now
-            write_text_atomic(eval_path, json.dumps({"before": before, "after": after}, indent=2))
-            truncate_metrics(metrics, step)          # drops a line cut by the kill
-            with open(metrics, "a") as f:
-                f.write(json.dumps({"step": step, "eval": "after",
-                                    **{k: v for k, v in after.items() if k != "examples"}}) + "\n")
+                pass                   # never evaluated (or the file is gone): not made up now
+            truncate_metrics(out / "metrics.jsonl", step)          # drops a line cut by the kill
+        eval_after(out, run_eval, before, step, log)
     if dist.is_main() and set(missing) - {"eval after"}:
         export(cfg, model, proc, history, log)
     log(f"done: {out}")
@@ -488,13 +483,6 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(self.out / "tensorboard"))
         self._reset()
-
-    def eval(self, step: int, when: str, res: dict) -> None:
-        """One metrics.jsonl record per evaluation ("before" / "after")."""
-        if self.main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}})
-                        + "\n")
 
     def note(self, msg: str) -> None:
         """A console line from rank 0 that does not break the progress bar."""
@@ -542,6 +530,26 @@ class RunLog:
             self.bar.close()
         if self.metrics:
             self.metrics.close()
+
+
+def log_eval(out: Path, step: int, when: str, res: dict) -> None:
+    """One metrics.jsonl record per evaluation ("before" / "after"). Rank 0 only."""
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}}) + "\n")
+
+
+def write_eval(out: Path, before: dict | None, after: dict | None) -> None:
+    """eval.json = {"before", "after"}, replaced atomically. Rank 0 only."""
+    write_text_atomic(out / "eval.json", json.dumps({"before": before, "after": after}, indent=2))
+
+
+def eval_after(out: Path, run_eval, before: dict | None, step: int, log) -> None:
+    """The evaluation after training (collective), into eval.json and metrics.jsonl."""
+    after = run_eval()
+    log(f"eval after: {summary(after)}")
+    if dist.is_main():
+        write_eval(out, before, after)
+        log_eval(out, step, "after", after)
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -654,13 +662,12 @@ def main(cfg: TrainConfig) -> None:
             raise ValueError("--eval_only needs an eval split (--eval_file or the preset's val file)")
         res = run_eval()
         if main_rank:   # nothing is trained: the model before and after is the one evaluated
-            write_text_atomic(eval_path, json.dumps({"before": res, "after": res}, indent=2))
+            write_eval(out, res, res)
             log(f"eval: {summary(res)} -> {eval_path}")
         return dist.cleanup()
 
     train_ds = load_train_data(cfg, proc, log)
-    offload = cfg.offload_optimizer == "on" or (cfg.offload_optimizer == "auto" and memory.offload_by_default(
-        cfg.mode, cfg.batch_size, cfg.micro_batch_size, world))
+    offload = memory.offload_optimizer(cfg.offload_optimizer, cfg.mode, cfg.batch_size, cfg.micro_batch_size, world)
     recompute = plan_memory(cfg, model, train_ds, proc.pad_token_id, device, offload, log)
     model.configure_training(recompute=recompute, compile=cfg.compile)
     log(f"speed settings: {str(cfg.dtype).replace('torch.', '')}, compile {'on' if cfg.compile else 'off'}, "
@@ -684,8 +691,8 @@ def main(cfg: TrainConfig) -> None:
         before = run_eval()
         log(f"eval before: {summary(before)}")
         if main_rank:
-            write_text_atomic(eval_path, json.dumps({"before": before, "after": None}, indent=2))
-        run_log.eval(start_step, "before", before)
+            write_eval(out, before, None)
+            log_eval(out, start_step, "before", before)
 
     batches = iter(make_loader(cfg, train_ds, sampler, start_step, total_steps, proc.pad_token_id, device))
     skipped = 0
@@ -726,11 +733,7 @@ def main(cfg: TrainConfig) -> None:
     run_log.close()
 
     if run_eval:
-        after = run_eval()
-        log(f"eval after: {summary(after)}")
-        if main_rank:
-            write_text_atomic(eval_path, json.dumps({"before": before, "after": after}, indent=2))
-        run_log.eval(total_steps, "after", after)
+        eval_after(out, run_eval, before, total_steps, log)
     if main_rank:
         export(cfg, model, proc, run_log.history, log)
         log(f"done: {out}")

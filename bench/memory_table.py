@@ -19,7 +19,7 @@ def main() -> None:
     print("| mode | DocVQA, recompute full | DocVQA, none | UCF-101, full | UCF-101, none |")
     print("|---|---|---|---|---|")
     for mode, frozen in ROWS:
-        offload = memory.offload_by_default(mode, 64, 1, 1)
+        offload = memory.offload_optimizer("auto", mode, 64, 1, 1)
         cells = [f"{memory.estimate(mode, frozen, task, recompute=r, offload_optimizer=offload)['peak_gb']:.1f} GB"
                  for task in ("docvqa", "ucf101") for r in ("full", "none")]
         name = f"`--{mode}`" + (" `--freeze_vision`" if frozen else "")

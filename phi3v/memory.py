@@ -43,11 +43,15 @@ TASK_SAMPLES = {
 }
 
 
-def offload_by_default(mode: str, batch_size: int, micro_batch_size: int, world_size: int) -> bool:
-    """`--offload_optimizer auto`: LoRA/QLoRA that accumulate at least 32 micro-batches per optimizer
-    step on each rank keep the optimizer state in host memory. The host-side update and the two copies
-    then cost a few per cent of a step, and 12 bytes per trainable parameter leave the GPU (for rank
-    64 on the LM linears 1.2 GB); with fewer micro-batches, or full fine-tuning, the cost is not small."""
+def offload_optimizer(setting: str, mode: str, batch_size: int, micro_batch_size: int,
+                      world_size: int) -> bool:
+    """Whether `--offload_optimizer {auto,on,off}` keeps the optimizer state in host memory. auto: for
+    LoRA/QLoRA that accumulate at least 32 micro-batches per optimizer step on each rank. The
+    host-side update and the two copies then cost a few per cent of a step, and 12 bytes per
+    trainable parameter leave the GPU (for rank 64 on the LM linears 1.2 GB); with fewer
+    micro-batches, or full fine-tuning, the cost is not small."""
+    if setting != "auto":
+        return setting == "on"
     return mode in ("lora", "qlora") and batch_size // (micro_batch_size * world_size) >= 32
 
 
@@ -263,8 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype or "bf16"]
-    offload = a.offload_optimizer == "on" or (a.offload_optimizer == "auto" and offload_by_default(
-        a.mode, a.batch_size, a.micro_batch_size, a.world_size))
+    offload = offload_optimizer(a.offload_optimizer, a.mode, a.batch_size, a.micro_batch_size, a.world_size)
     try:
         plan = estimate(a.mode, a.freeze_vision, a.task, a.num_crops, a.tokens, a.micro_batch_size, a.recompute,
                         a.world_size, dtype, lora_rank=a.lora_rank, offload_optimizer=offload)
