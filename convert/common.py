@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from phi3v import cli as phi3v_cli
+from phi3v.jsonfile import write_text_atomic
 from phi3v.schema import jsonl_lines, make_record, make_turn, validate_record
 
 # Formats PIL reads that we keep byte-for-byte; anything else is re-encoded to PNG.
@@ -190,10 +191,7 @@ class Output:
 def write_text(path: Path, text: str) -> None:
     """Write UTF-8 text atomically (tmp file + rename), '\\n' line ends on every platform."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def read_text(path: Path, where: str) -> str:

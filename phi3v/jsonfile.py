@@ -30,8 +30,8 @@ def write_atomic(path: str | Path, write) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """`write_atomic` for UTF-8 text."""
-    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8"))
+    """`write_atomic` for UTF-8 text ('\n' line ends on every platform)."""
+    write_atomic(path, lambda p: p.write_text(text, encoding="utf-8", newline="\n"))
 
 
 def read_json(path: str | Path):

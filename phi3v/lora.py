@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import LM_LINEARS
 from .hf import is_unused, to_hf, to_ours
-from .jsonfile import Fields, read_json, show
+from .jsonfile import Fields, read_json, show, write_atomic, write_text_atomic
 from .nf4 import NF4Linear
 
 PEFT_PREFIX = "base_model.model."
@@ -272,17 +270,6 @@ def _peft_targets(model: nn.Module, lora_names: list[str]) -> list[str]:
     return sorted(out)
 
 
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def save_adapter(model: nn.Module, adapter_dir, base_model_name_or_path: str | None = None) -> None:
     """Write the adapter in peft's format: adapter_config.json + adapter_model.safetensors.
 
@@ -319,8 +306,8 @@ def save_adapter(model: nn.Module, adapter_dir, base_model_name_or_path: str | N
                for k, v in lora_state_dict(model).items()}
     out = Path(adapter_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomic(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n"))
+    write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_text_atomic(out / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------
