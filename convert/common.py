@@ -10,7 +10,6 @@ import base64
 import hashlib
 import io
 import json
-import os
 import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -19,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from PIL import Image
 
 from phi3v import cli as phi3v_cli
-from phi3v.jsonfile import write_text_atomic
+from phi3v.jsonfile import write_atomic, write_text_atomic
 from phi3v.schema import jsonl_lines, make_record, make_turn, validate_record
 
 # Formats PIL reads that we keep byte-for-byte; anything else is re-encoded to PNG.
@@ -90,9 +89,7 @@ def write_image(dst: Path, src) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.exists() and dst.stat().st_size == len(data) and dst.read_bytes() == data:
         return
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dst)
+    write_atomic(dst, lambda p: p.write_bytes(data))
 
 
 def parallel_map(fn, items: list, workers: int, progress: bool, desc: str):
