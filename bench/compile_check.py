@@ -2,11 +2,13 @@
 
     python bench/compile_check.py                         # LoRA, QLoRA, full on the tiny model, CPU
     python bench/compile_check.py --modes lora --recompute selective
+    python bench/compile_check.py --modes lora --offload_activations   # every saved tensor via the host
 
 One JSON line per mode, for the tiny model on CPU (inductor), with the step train.py runs
 (`Phi3V.training_loss` on a collated micro-batch, then backward):
   graph_breaks   torch._dynamo.explain over the whole training forward (0: it traces as one graph
-                 per region, so every compiled layer runs fullgraph)
+                 per region, so every compiled layer runs fullgraph; with --offload_activations the
+                 forward inside the hooks, which are entered in eager code)
   host_syncs     ops during forward + backward that make a GPU wait for a value (item/`int(t)`,
                  nonzero, boolean-mask indexing, unique, ...), counted by a dispatch mode
   graphs         graphs compiled for the first micro-batch; recompiles: graphs added by 4 more
@@ -33,6 +35,7 @@ import torch                                                      # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode        # noqa: E402
 
 from phi3v import Phi3V, Phi3VConfig                              # noqa: E402
+from phi3v import recompute as recompute_module                   # noqa: E402
 from phi3v.config import CROP, crop_grid_tokens                   # noqa: E402
 from phi3v.data import training_inputs                            # noqa: E402
 from phi3v.finetune import MODES, prepare                         # noqa: E402
@@ -81,17 +84,21 @@ def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-def check(mode: str, recompute: str, seed: int = 0) -> dict:
+def check(mode: str, recompute: str, offload: bool = False, seed: int = 0) -> dict:
     torch._dynamo.reset()
     cfg = Phi3VConfig.tiny()
     eager = prepare(Phi3V.from_config(cfg, seed=seed), mode, seed=seed)
     compiled = copy.deepcopy(eager)
-    eager.configure_training(recompute=recompute, compile=False)
-    compiled.configure_training(recompute=recompute, compile=True)
+    eager.configure_training(recompute=recompute, compile=False, offload_activations=offload)
+    compiled.configure_training(recompute=recompute, compile=True, offload_activations=offload)
     eager.train(), compiled.train()
     batches = [micro_batch(cfg, n, crops, seed + i) for i, (n, crops) in enumerate(LAYOUTS)]
 
+    # offload's saved-tensor hooks are entered in eager code around the compiled layers (never traced):
+    # explain the forward inside them
+    eager.offload_activations = False
     explain = torch._dynamo.explain(eager.training_loss)(batches[0])
+    eager.offload_activations = offload
     counter = SyncCounter()
     with counter:
         eager.training_loss(batches[0]).backward()
@@ -111,7 +118,8 @@ def check(mode: str, recompute: str, seed: int = 0) -> dict:
         assert ge.keys() == gc.keys() and ge, "the same parameters must get gradients"
         diff = max(diff, (loss_c - loss_e).abs().item(), *((ge[k] - gc[k]).abs().max().item() for k in ge))
         eager.zero_grad(), compiled.zero_grad()
-    return {"mode": mode, "recompute": recompute, "graph_breaks": explain.graph_break_count,
+    return {"mode": mode, "recompute": recompute, "offload_activations": offload,
+            "graph_breaks": explain.graph_break_count,
             "break_reasons": [str(r.reason) for r in explain.break_reasons][:5],
             "host_syncs": sum(counter.found.values()), "sync_ops": counter.found,
             "graphs": graphs[0], "recompiles": graphs[-1] - graphs[0], "micro_batches": len(batches),
@@ -123,11 +131,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--modes", default=",".join(MODES), help="comma list of " + ",".join(MODES))
     p.add_argument("--recompute", default="full", choices=["none", "selective", "full"])
+    p.add_argument("--offload_activations", action="store_true",
+                   help="saved tensors via host memory, all of them (the tiny model's are under the size limit)")
     a = p.parse_args(argv)
+    if a.offload_activations:
+        recompute_module.MIN_OFFLOAD_BYTES = 0
     torch.manual_seed(0)
     ok = True
     for mode in a.modes.split(","):
-        r = check(mode, a.recompute)
+        r = check(mode, a.recompute, a.offload_activations)
         print(json.dumps(r), flush=True)
         ok &= r["graph_breaks"] == 0 and r["host_syncs"] == 0 and r["recompiles"] == 0 and r["max_abs_diff"] <= 1e-5
     return 0 if ok else 1

@@ -6,7 +6,8 @@
 # Stages (in order; each writes its JSON under $OUT and goes on if one fails):
 #   env       versions, GPU, what is installed (triton, bitsandbytes, flash-attn)
 #   tests     pytest -m cuda (bf16 vs fp32 goldens, ZeroAdamW on GPU, QLoRA step 0, flash-attn vs SDPA)
-#   memory    phi3v + HF, lora/qlora, DocVQA, full recomputation: measured peak next to the plan
+#   memory    phi3v + HF, lora/qlora, DocVQA, full recomputation: measured peak next to the plan; and
+#             phi3v with --offload_activations
 #   speed     phi3v + HF, lora/qlora, DocVQA: the fastest config (compiled, no recomputation)
 #   full      phi3v + HF, full_frozen_vision/full, DocVQA, selective recomputation (fits 80 GB)
 #   optim     ZeroAdamW.step vs clip_grad_norm_ + fused AdamW on the GPU
@@ -42,7 +43,9 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu', \
 {m: u.find_spec(m) is not None for m in ('triton', 'bitsandbytes', 'flash_attn', 'transformers', 'peft')})";;
     tests) run tests env PHI3V_GOLDEN=${PHI3V_GOLDEN:-.gpu/golden} python -m pytest -q -m "$PYTEST_M" $PYTEST_FILES;;
     memory) run memory python bench/train_step.py $TS --modes lora,qlora --samples docvqa --recompute full \
-              --out "$OUT/memory.json";;
+              --out "$OUT/memory.json"
+            run memory_offload python bench/train_step.py $TS --impl phi3v --modes lora,qlora --samples docvqa \
+              --recompute full --offload_activations --out "$OUT/memory_offload.json";;
     speed) run speed python bench/train_step.py $TS --modes lora,qlora --samples docvqa --recompute none --compile \
              --out "$OUT/speed.json";;
     full) run full python bench/train_step.py $TS --modes full_frozen_vision,full --samples docvqa \

@@ -85,7 +85,7 @@ def make_sample(name: str, cfg: Phi3VConfig, seed: int = 0) -> dict:
 def build_phi3v(cfg: Phi3VConfig, mode: str, args, device: torch.device, dtype: torch.dtype):
     model = Phi3V.from_config(cfg, seed=args.seed, dtype=dtype, device=device)
     info = {"recompute": args.recompute, "compile": args.compile, "dtype": str(dtype).replace("torch.", ""),
-            "vision_frozen": mode != "full"}
+            "vision_frozen": mode != "full", "offload_activations": args.offload_activations}
     # PERF.md's configurations: LoRA on the LM linears only, vision frozen except in mode full
     backend = args.nf4_backend
     if backend == "auto":
@@ -96,7 +96,8 @@ def build_phi3v(cfg: Phi3VConfig, mode: str, args, device: torch.device, dtype: 
         info.update(nf4_backend=backend, nf4_targets=LM_TARGETS + CLIP_TARGETS, double_quant=True)
     if mode in ("lora", "qlora"):
         info.update(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA, lora_targets=LM_TARGETS)
-    model.configure_training(recompute=args.recompute, compile=args.compile)
+    model.configure_training(recompute=args.recompute, compile=args.compile,
+                             offload_activations=args.offload_activations)
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = ZeroAdamW(named, lr=LR, weight_decay=0.01, no_decay=no_decay, max_grad_norm=1.0)
@@ -298,9 +299,11 @@ def run_group(impl: str, mode: str, args) -> list[dict]:
                  image_tokens=s["image_tokens"], supervised_tokens=int((s["labels"] != -100).sum()),
                  samples_per_s=None, tokens_per_s=None, images_per_s=None, mfu=None, peak_mem_gb=None,
                  mfu_params=n_params, mfu_k=k) for name, s in samples.items()]
-    if impl == "hf" and (mode == "qlora" or args.recompute == "selective"):
+    if impl == "hf" and (mode == "qlora" or args.recompute == "selective" or args.offload_activations):
         reason = None
-        if args.recompute == "selective":
+        if args.offload_activations:
+            reason = "the HF recipe has no activation offloading"
+        elif args.recompute == "selective":
             reason = "the HF stack has no selective recomputation (only none / full gradient checkpointing)"
         elif not bnb_available():
             reason = "bitsandbytes is not importable (see bench/README.md for the wheel)"
@@ -330,7 +333,7 @@ def run_group(impl: str, mode: str, args) -> list[dict]:
             r["planned_peak_gb"] = memory.estimate(
                 "full" if mode.startswith("full") else mode, freeze_vision=mode != "full", recompute=args.recompute,
                 dtype=dtype, config=cfg, lora_rank=LORA_RANK, lora_targets=LM_TARGETS,
-                batch=samples[r["sample"]])["peak_gb"]
+                batch=samples[r["sample"]], offload_activations=args.offload_activations)["peak_gb"]
         s = to_device(samples[r["sample"]], device)
         print(f"[{impl}/{mode}/{r['sample']}] {r['tokens']} tokens: {args.warmup} warm-up + {args.steps} timed steps",
               file=sys.stderr, flush=True)
@@ -433,6 +436,8 @@ def parse_args(argv=None):
                    help="activation recomputation (phi3v.recompute); hf has none or full (every decoder block, "
                         "and CLIP layer when trained), so its selective rows are skipped")
     p.add_argument("--compile", action="store_true", help="torch.compile every phi3v decoder block (block.compile())")
+    p.add_argument("--offload_activations", action="store_true",
+                   help="phi3v: saved tensors in host memory until backward (train.py's option of that name)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per (impl, mode, sample)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, Adam state)")
     p.add_argument("--config", choices=["real", "tiny"], default="real", help="real: Phi-3.5-vision sizes")
@@ -462,7 +467,8 @@ def worker_argv(args, impl: str, mode: str, out: Path) -> list[str]:
             "--samples", ",".join(args.samples), "--recompute", args.recompute, "--steps", str(args.steps),
             "--warmup", str(args.warmup), "--config", args.config, "--device", args.device, "--dtype", args.dtype,
             "--nf4-backend", args.nf4_backend, "--seed", str(args.seed)]
-    return argv + (["--compile"] if args.compile else [])
+    return argv + (["--compile"] if args.compile else []) + \
+        (["--offload_activations"] if args.offload_activations else [])
 
 
 def main(argv=None) -> int:

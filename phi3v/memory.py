@@ -160,13 +160,15 @@ def estimate(mode: str = "lora", freeze_vision: bool = False, task: str = "docvq
              tokens: int | None = None, micro_batch_size: int = 1, recompute: str = "full", world_size: int = 1,
              dtype: torch.dtype = torch.bfloat16, config: Phi3VConfig | None = None, lora_rank: int = 64,
              lora_targets: list[str] | None = None, batch: dict | None = None, device: str = "meta",
-             offload_optimizer: bool = False) -> dict:
+             offload_optimizer: bool = False, offload_activations: bool = False) -> dict:
     """Predicted peak (decimal GB) of a training step of `mode` on one rank, with its breakdown:
     weights (frozen parameters and buffers), trainable_params, gradients, optimizer_state (this
     rank's shard), activations (held for backward at the end of the forward), transient (the rest of
     the peak: recomputation, logits chunks, backward temporaries). `batch`: a collated micro-batch
     to plan for instead of the task's sample (train.py passes its longest). `device="cpu"` runs the
-    same step with real (random) tensors instead: the measurement the plan is tested against."""
+    same step with real (random) tensors instead: the measurement the plan is tested against.
+    `offload_optimizer`, `offload_activations`: what train.py's options of those names keep in host
+    memory (the optimizer's state; what autograd saves for backward, weights excepted)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if world_size < 1 or micro_batch_size < 1:
@@ -179,7 +181,7 @@ def estimate(mode: str = "lora", freeze_vision: bool = False, task: str = "docvq
         model = Phi3V.from_config(cfg, dtype=dtype, device=device)
     prepare(model, mode, freeze_vision=freeze_vision, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
             targets=lora_targets)
-    model.configure_training(recompute=recompute)
+    model.configure_training(recompute=recompute, offload_activations=offload_activations)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     frozen = [t for t in list(model.parameters()) + list(model.buffers()) if not t.requires_grad]
@@ -216,6 +218,7 @@ def estimate(mode: str = "lora", freeze_vision: bool = False, task: str = "docvq
                        "tokens": int(batch["input_ids"].shape[1]), "micro_batch_size": int(batch["input_ids"].shape[0]),
                        "recompute": recompute, "world_size": world_size, "dtype": str(dtype).replace("torch.", ""),
                        "offload_optimizer": offload_optimizer, "host_optimizer_gb": opt["host"] / GB,
+                       "offload_activations": offload_activations,
                        "trainable_params": sum(p.numel() for p in trainable)}}
 
 
@@ -224,7 +227,8 @@ def advise(budget_gb: float, batch_for=None, **kw) -> str | None:
     `budget_gb`, as a flag to use ("--recompute full (9.87 GB)"), or None. Tried in this order, from
     the least to the most training speed (or adaptation capacity) given up: more recomputation, a
     smaller micro-batch (`batch_for(n)` builds one of n samples), the optimizer state in host memory,
-    QLoRA instead of LoRA, LoRA instead of full fine-tuning, a frozen vision tower."""
+    the saved activations in host memory, QLoRA instead of LoRA, LoRA instead of full fine-tuning, a
+    frozen vision tower."""
     order = {"none": ["selective", "full"], "selective": ["full"], "full": []}[kw.get("recompute", "full")]
     tries = [(f"--recompute {r}", {"recompute": r}) for r in order]
     micro = kw.get("micro_batch_size", 1) if batch_for is None else int(kw["batch"]["input_ids"].shape[0])
@@ -234,6 +238,8 @@ def advise(budget_gb: float, batch_for=None, **kw) -> str | None:
                       else {"batch": batch_for(micro)}))
     if not kw.get("offload_optimizer"):
         tries.append(("--offload_optimizer on", {"offload_optimizer": True}))
+    if not kw.get("offload_activations"):
+        tries.append(("--offload_activations", {"offload_activations": True}))
     mode = kw.get("mode", "lora")
     if mode in ("lora", "full"):
         tries.append(("--qlora", {"mode": "qlora"}) if mode == "lora" else ("--lora", {"mode": "lora"}))
@@ -257,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch_size", type=int, default=64, help="global batch: decides --offload_optimizer auto")
     p.add_argument("--offload_optimizer", choices=["auto", "on", "off"], default="auto",
                    help="optimizer state in host memory (auto: LoRA/QLoRA with >= 32 micro-batches per step)")
+    p.add_argument("--offload_activations", action="store_true",
+                   help="what autograd saves for backward (weights excepted) in host memory until backward")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="full")
     p.add_argument("--world_size", type=int, default=1)
     p.add_argument("--lora_rank", type=int, default=64)
@@ -270,13 +278,15 @@ def main(argv=None) -> int:
     offload = offload_optimizer(a.offload_optimizer, a.mode, a.batch_size, a.micro_batch_size, a.world_size)
     try:
         plan = estimate(a.mode, a.freeze_vision, a.task, a.num_crops, a.tokens, a.micro_batch_size, a.recompute,
-                        a.world_size, dtype, lora_rank=a.lora_rank, offload_optimizer=offload)
+                        a.world_size, dtype, lora_rank=a.lora_rank, offload_optimizer=offload,
+                        offload_activations=a.offload_activations)
         if a.gpu_memory is not None:
             plan["fits"] = plan["peak_gb"] <= a.gpu_memory
             plan["advice"] = None if plan["fits"] else advise(
                 a.gpu_memory, mode=a.mode, freeze_vision=a.freeze_vision, task=a.task, num_crops=a.num_crops,
                 tokens=a.tokens, micro_batch_size=a.micro_batch_size, recompute=a.recompute,
-                world_size=a.world_size, dtype=dtype, lora_rank=a.lora_rank, offload_optimizer=offload)
+                world_size=a.world_size, dtype=dtype, lora_rank=a.lora_rank, offload_optimizer=offload,
+                offload_activations=a.offload_activations)
     except ValueError as e:
         sys.stderr.write(f"python -m phi3v.memory: error: {e}\n")
         return 2
@@ -286,7 +296,8 @@ def main(argv=None) -> int:
     c = plan["config"]
     print(f"{c['mode']}{' (vision frozen)' if c['freeze_vision'] else ''}, {c['task']}: {c['micro_batch_size']} x "
           f"{c['tokens']} tokens, recompute {c['recompute']}, {c['dtype']}, world size {c['world_size']}"
-          + (f", optimizer state in host memory ({c['host_optimizer_gb']:.2f} GB)" if c["offload_optimizer"] else ""))
+          + (f", optimizer state in host memory ({c['host_optimizer_gb']:.2f} GB)" if c["offload_optimizer"] else "")
+          + (", saved activations in host memory" if c["offload_activations"] else ""))
     for k, v in plan["breakdown"].items():
         print(f"  {k:18} {v:8.2f} GB")
     print(f"  {'peak':18} {plan['peak_gb']:8.2f} GB   (during the {plan['peak_phase'].replace('_', ' ')})")

@@ -6,6 +6,7 @@ H heads, hd head dim, V vocab.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from . import hf
 from .attention import attention
 from .config import MAX_INPUT_ID, Phi3VConfig, crop_grids
 from .loss import chunked_ce
-from .recompute import check_policy, run_block
+from .recompute import check_policy, offload_saved, run_block
 from .vision import ImageEmbedding, check_image_inputs
 
 STOP_IDS = (32007, 32000)  # <|end|>, <|endoftext|>
@@ -175,7 +176,7 @@ class Phi3V(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         # how the training forward runs the decoder blocks (configure_training)
-        self.recompute, self.compiled = "none", False
+        self.recompute, self.compiled, self.offload_activations = "none", False, False
         # checkpoint tensors the forward never uses (last CLIP block, CLIP post-LN), kept for export
         self.hf_extras: dict[str, torch.Tensor] = {}
 
@@ -207,11 +208,14 @@ class Phi3V(nn.Module):
         init_weights(model, seed)
         return model.to(dtype)
 
-    def configure_training(self, recompute: str = "full", compile: bool = False) -> None:
+    def configure_training(self, recompute: str = "full", compile: bool = False,
+                           offload_activations: bool = False) -> None:
         """How the training forward runs: the activation recomputation policy of every decoder block and
-        CLIP layer ("none", "selective", "full": phi3v.recompute) and torch.compile of the decoder
-        blocks, CLIP layers and projector (fullgraph, dynamic shapes)."""
+        CLIP layer ("none", "selective", "full": phi3v.recompute), torch.compile of the decoder
+        blocks, CLIP layers and projector (fullgraph, dynamic shapes), and whether what autograd saves
+        for backward waits in host memory (`recompute.offload_saved`)."""
         self.recompute, self.compiled = check_policy(recompute), compile
+        self.offload_activations = bool(offload_activations)
         self.vision.recompute, self.vision.compiled = self.recompute, compile
 
     def freeze_vision(self) -> None:
@@ -361,7 +365,8 @@ class Phi3V(nn.Module):
     def training_loss(self, batch: dict) -> torch.Tensor:
         """Summed cross-entropy of the supervised tokens of a collated micro-batch (`data.collate`,
         moved to this model's device): the training step's forward, without host syncs."""
-        return chunked_ce(self.hidden_packed(batch), self.lm_head, batch["target_index"], batch["targets"])
+        with offload_saved(self) if self.offload_activations else contextlib.nullcontext():
+            return chunked_ce(self.hidden_packed(batch), self.lm_head, batch["target_index"], batch["targets"])
 
     def forward(self, input_ids, attention_mask=None, pixel_values=None, image_sizes=None, labels=None,
                 position_ids=None) -> Phi3VOutput:

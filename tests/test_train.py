@@ -331,6 +331,15 @@ def test_lora_frozen_vision_and_packing(demo_dir, ref, tmp_path):
     assert keys and not any("vision_embed_tokens" in k for k in keys)
 
 
+def test_offload_activations_changes_no_bit(demo_dir, ref, tmp_path):
+    """--offload_activations: saved tensors of 1 MiB and more (here the CLIP layers' inputs) wait in
+    host memory; the run ends bitwise where the reference ends (weights, optimizer, adapter)."""
+    out = tmp_path / "offload"
+    r = train(resumable(demo_dir, out) + ["--offload_activations"])
+    assert "saved activations in host memory" in r.stdout
+    assert differing(final_state(out, N), final_state(ref[0], N)) == []
+
+
 def test_qlora_on_cpu(demo_dir, tmp_path):
     """Our NF4 demo_dir (activation checkpointing on, the default) + LoRA."""
     out = tmp_path / "qlora"
