@@ -136,13 +136,13 @@ class _OnHost:
         return self.host.to(self.device, non_blocking=True, copy=True)
 
 
-def offload_saved(model: torch.nn.Module, min_bytes: int | None = None):
+def offload_saved(model: torch.nn.Module):
     """A context in which autograd keeps the tensors it saves for backward in host memory, except
-    the model's parameters and buffers (and views of them), tensors under `min_bytes` (default
-    MIN_OFFLOAD_BYTES, read at each call), and tensors
-    whose strides overlap or leave gaps (expanded views: small storages). A tensor saved several
-    times (the RoPE tables by every block) is copied once. Values come back bitwise equal."""
-    min_bytes = MIN_OFFLOAD_BYTES if min_bytes is None else min_bytes
+    the model's parameters and buffers (and views of them), tensors under MIN_OFFLOAD_BYTES (read
+    at each call: tests and bench/compile_check.py lower it), and tensors whose strides overlap or
+    leave gaps (expanded views: small storages). A tensor saved several times (the RoPE tables by
+    every block) is copied once. Values come back bitwise equal."""
+    min_bytes = MIN_OFFLOAD_BYTES
     weights = {t.untyped_storage() for t in itertools.chain(model.parameters(), model.buffers())}
     copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # device storage -> {view: _OnHost}
 

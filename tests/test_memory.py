@@ -62,8 +62,8 @@ def test_perf_targets_planned():
     for mode, limit in (("lora", 10.0), ("qlora", 4.5)):
         host_optimizer = memory.offload_optimizer("auto", mode, batch_size=64, micro_batch_size=1, world_size=1)
         assert host_optimizer
-        assert memory.estimate(mode, freeze_vision=True, offload_optimizer=True)["peak_gb"] <= limit
-        recipe = memory.estimate(mode, offload_optimizer=True, offload_activations=True)
+        assert memory.estimate(mode, freeze_vision=True, offload_optimizer=host_optimizer)["peak_gb"] <= limit
+        recipe = memory.estimate(mode, offload_optimizer=host_optimizer, offload_activations=True)
         assert recipe["peak_gb"] <= limit and recipe["breakdown"]["activations"] < 0.01, recipe
 
 
