@@ -108,6 +108,9 @@ class TrainConfig:
     packing: bool = field(default=False, metadata={"help": "pack each micro-batch into one padding-free row"})
     drop_too_long: bool = field(default=True, metadata={"help": "drop samples over --max_length (else error)"})
     skip_bad_records: bool = field(default=False, metadata={"help": "skip and count malformed records"})
+    index_cache: str | None = field(default=None, metadata={
+        "help": "folder of the data index cache (exact token counts, built once per dataset): default "
+                "$PHI3V_CACHE or ~/.cache/phi3v; none: index the data at every start"})
     save_steps: int = field(default=0, metadata={"help": "checkpoint every N steps (0: only at the end)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "complete checkpoints kept"})
     resume: str | None = field(default=None, metadata={"help": "resume from DIR or (no value) the newest checkpoint",
@@ -201,7 +204,7 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
                 error(f"--output_dir {c['output_dir']} is a file, not a directory" if d == Path(c["output_dir"])
                       else f"--output_dir {c['output_dir']}: {d} is a file, not a directory")
             break
-    for flag in ("data_dir", "adapter") + (("resume",) if c["resume"] not in (None, "latest") else ()):
+    for flag in ("data_dir", "adapter", "index_cache") + (("resume",) if c["resume"] not in (None, "latest") else ()):
         if c[flag] and Path(c[flag]).exists() and not Path(c[flag]).is_dir():
             error(f"--{flag} {c[flag]} is a file, not a directory")
     if c["adapter"] and not Path(c["adapter"]).is_dir():
@@ -313,9 +316,8 @@ def plan_memory(cfg: TrainConfig, model: Phi3V, ds: JsonlDataset, pad_id: int, d
     one step of this run's longest micro-batch on the meta device). With --recompute auto the fastest
     policy whose plan fits the GPU's free memory; a run predicted not to fit says so and names the
     cheapest change that would."""
-    longest = max(range(len(ds)), key=lambda i: ds.lengths[i])
     try:
-        sample = ds.build(ds.records[longest])
+        sample = ds.build(int(np.argmax(ds.lengths)))
     except ValueError as e:           # a bad record under --skip_bad_records: train without a plan
         log(f"memory plan skipped: {e}")
         return "full" if cfg.recompute == "auto" else cfg.recompute
@@ -350,16 +352,26 @@ def progress_bar(cfg: TrainConfig, desc: str):
 
 
 def load_train_data(cfg: TrainConfig, proc: Processor, log) -> JsonlDataset:
+    t0 = time.time()
     ds = JsonlDataset(cfg.train_file, proc, max_length=cfg.max_length,
                       on_too_long="drop" if cfg.drop_too_long else "error",
                       on_bad_record="skip" if cfg.skip_bad_records else "error",
-                      progress=progress_bar(cfg, "reading " + Path(cfg.train_file).name))
-    log(f"train: {len(ds)} samples from {cfg.train_file}"
+                      progress=progress_bar(cfg, "indexing " + Path(cfg.train_file).name),
+                      cache_dir=index_cache_dir(cfg))
+    if ds.cache_note:
+        log(f"warning: {ds.cache_note}")
+    log(f"train: {len(ds)} samples from {cfg.train_file} (index {'cached' if ds.index_source == 'cache' else 'built'} "
+        f"in {time.time() - t0:.1f} s)"
         + (f"; skipped {len(ds.skipped)} malformed records" if ds.skipped else "")
-        + (f"; dropped {len(ds.dropped)} samples longer than {cfg.max_length} tokens" if ds.dropped else ""))
+        + (f"; dropped {ds.n_dropped} samples longer than {cfg.max_length} tokens" if ds.n_dropped else ""))
     for s in ds.skipped[:5]:
         log(f"  skipped: {s}")
     return ds
+
+
+def index_cache_dir(cfg: TrainConfig):
+    """--index_cache as JsonlDataset's cache_dir: None (the default folder), False (none) or a folder."""
+    return False if cfg.index_cache == "none" else cfg.index_cache
 
 
 def make_loader(cfg: TrainConfig, ds: JsonlDataset, sampler: StepSampler, start_step: int, total_steps: int,

@@ -9,18 +9,18 @@ train on every assistant turn.
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass
+import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .config import MAX_INPUT_ID, crop_grid_tokens, crop_grids
-from .processor import IMAGE_TAG, Processor, num_image_tokens, user_content
-from .schema import jsonl_lines, parse_line, validate_record
+from .index import ANSWER_SUFFIX, load_index, turn_prompt
+from .processor import Processor
+from .schema import parse_line, validate_record
 
-ANSWER_SUFFIX = "<|end|>\n<|endoftext|>"
 
 
 def load_image(path: Path, what: str) -> Image.Image:
@@ -33,24 +33,21 @@ def load_image(path: Path, what: str) -> Image.Image:
         raise ValueError(f"{what}: cannot decode {path}: {e}") from None
 
 
-@dataclass
-class Record:
-    where: str                 # "file:line" for error messages
-    rec: dict
-    length: int                # exact token count (images included), computed without decoding pixels
-
-
 class JsonlDataset(torch.utils.data.Dataset):
-    """A jsonl file of the recipe's format. Everything but pixel decoding is checked up front.
+    """A jsonl file of the recipe's format, indexed up front (phi3v.index: exact token counts,
+    malformed records found, cached), read line by line as samples are built.
 
+    It holds no records: per usable record its byte offset and size, line number and exact length
+    (`lengths`, numpy), so its memory and every forked worker's stay flat at any dataset size.
     `max_length`: samples longer than this are never truncated (that would cut an image run);
-    they are dropped and counted in `self.dropped`, or raise with `on_too_long="error"`.
+    they are dropped and counted (`n_dropped`, ids in `dropped`), or raise with `on_too_long="error"`.
     `on_bad_record="skip"` drops malformed records (listed in `self.skipped`) instead of raising.
+    `cache_dir`: where the index is cached (None: $PHI3V_CACHE or ~/.cache/phi3v; False: no cache).
     """
 
     def __init__(self, path: str | Path, processor: Processor, images_dir: str | Path | None = None,
                  max_length: int | None = None, on_too_long: str = "drop", on_bad_record: str = "error",
-                 progress=None):
+                 progress=None, cache_dir: str | Path | None | bool = None):
         if on_too_long not in ("drop", "error") or on_bad_record not in ("error", "skip"):
             raise ValueError(f"bad policy on_too_long={on_too_long!r} on_bad_record={on_bad_record!r}")
         self.path = Path(path)
@@ -59,38 +56,61 @@ class JsonlDataset(torch.utils.data.Dataset):
         self.images_dir = Path(images_dir) if images_dir is not None else self.path.parent / "images"
         self.proc = processor
         self.skip_bad = on_bad_record == "skip"
-        self.records: list[Record] = []
-        self.skipped: list[str] = []      # "file:line: reason" of every dropped malformed record
-        self.dropped: list[str] = []      # ids of samples longer than max_length
-        lines = jsonl_lines(self.path)
-        for line_no, raw in (progress(lines) if progress else lines):
-            where = f"{self.path}:{line_no}"
-            try:
-                rec = parse_line(raw, where)
-                validate_record(rec, where)
-                length = self.count_tokens(rec, where)
-            except ValueError as e:
-                if not self.skip_bad:
-                    raise
-                self.skipped.append(str(e))
-                continue
-            if max_length is not None and length > max_length:
-                if on_too_long == "error":
-                    raise ValueError(f"{where}: sample {rec['id']!r} has {length} tokens > max_length {max_length} "
-                                     "(samples are never truncated inside image runs)")
-                self.dropped.append(rec["id"])
-                continue
-            self.records.append(Record(where, rec, length))
-        if not self.records:
+        index = load_index(self.path, processor, self.images_dir, cache_dir, progress)
+        self.index_source, self.cache_note = index.source, index.note
+        self.skipped = [reason for _, reason in index.bad]    # "file:line: reason" of every malformed record
+        long = index.lengths > max_length if max_length is not None else np.zeros(len(index), bool)
+        # the first problem in file order decides, as a line-by-line reader would meet it
+        first_bad = index.bad[0][0] if index.bad and not self.skip_bad else None
+        first_long = int(np.argmax(long)) if on_too_long == "error" and long.any() else None
+        self._fd = None
+        if first_long is not None and (first_bad is None or index.lines[first_long] < first_bad):
+            k = first_long
+            rec = self._parse(int(index.offsets[k]), int(index.nbytes[k]), int(index.lines[k]))
+            raise ValueError(f"{self.path}:{index.lines[k]}: sample {rec['id']!r} has {index.lengths[k]} tokens "
+                             f"> max_length {max_length} (samples are never truncated inside image runs)")
+        if first_bad is not None:
+            raise ValueError(index.bad[0][1])
+        keep = ~long
+        self.offsets, self.nbytes = index.offsets[keep], index.nbytes[keep]     # [n] int64, int32
+        self.lines, self.lengths = index.lines[keep], index.lengths[keep]       # [n] int32, int32
+        self._dropped = (index.offsets[long], index.nbytes[long], index.lines[long])
+        if not len(self):
             raise ValueError(f"{self.path}: no usable records ({len(self.skipped)} malformed, "
-                             f"{len(self.dropped)} longer than max_length)")
+                             f"{self.n_dropped} longer than max_length)")
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.offsets)
 
     @property
-    def lengths(self) -> list[int]:
-        return [r.length for r in self.records]
+    def n_dropped(self) -> int:
+        """Samples longer than max_length (dropped)."""
+        return len(self._dropped[0])
+
+    @property
+    def dropped(self) -> list[str]:
+        """Ids of the samples longer than max_length (read from the file on demand)."""
+        return [self._parse(int(o), int(n), int(ln))["id"] for o, n, ln in zip(*self._dropped)]
+
+    def __getstate__(self):           # a DataLoader worker opens the file itself
+        return {**self.__dict__, "_fd": None}
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{int(self.lines[i])}"
+
+    def _parse(self, offset: int, nbytes: int, line: int) -> dict:
+        if self._fd is None or self._fd[0] != os.getpid():        # opened once per process
+            self._fd = (os.getpid(), open(self.path, "rb", buffering=0))
+        f = self._fd[1]
+        f.seek(offset)
+        where = f"{self.path}:{line}"
+        rec = parse_line(f.read(nbytes), where)
+        validate_record(rec, where)          # the file may have changed since it was indexed
+        return rec
+
+    def record(self, i: int) -> tuple[str, dict]:
+        """(file:line, the parsed record) of sample i."""
+        return self.where(i), self._parse(int(self.offsets[i]), int(self.nbytes[i]), int(self.lines[i]))
 
     def image_path(self, rel: str, where: str) -> Path:
         p = self.images_dir / rel
@@ -98,47 +118,25 @@ class JsonlDataset(torch.utils.data.Dataset):
             raise ValueError(f"{where}: image {rel!r} not found (looked for {p})")
         return p
 
-    def prompt(self, turn: dict) -> str:
-        # every turn is a prompt of its own: its images are numbered from 1 (processor.image_tags)
-        msg = {"role": "user", "content": user_content(turn["user"], len(turn["images"]))}
-        return self.proc.apply_chat_template([msg], add_generation_prompt=True)
-
-    def count_tokens(self, rec: dict, where: str) -> int:
-        """Exact sample length from image headers (no pixel decoding) and the tokenizer."""
-        n = 0
-        for turn in rec["conversations"]:
-            for rel in turn["images"]:
-                p = self.image_path(rel, where)
-                try:
-                    with Image.open(p) as im:
-                        w, h = im.size
-                except Exception as e:
-                    raise ValueError(f"{where}: cannot open image {rel!r}: {e}") from None
-                n += num_image_tokens(w, h, self.proc.num_crops)
-            text = self.prompt(turn)
-            # with images every chunk between tags is tokenized with its own BOS (the reference)
-            parts = IMAGE_TAG.split(text) if turn["images"] else [text]
-            n += sum(len(self.proc.encode(p, add_special_tokens=True)) for p in parts)
-            n += len(self.proc.encode(turn["assistant"] + ANSWER_SUFFIX))
-        return n
-
     def __getitem__(self, i: int) -> dict | None:
-        r = self.records[i]
         try:
-            return self.build(r)
+            return self.build(i)
         except ValueError as e:
             if self.skip_bad:
                 return {"skipped": str(e), "index": i}
             raise
 
-    def build(self, r: Record) -> dict:
+    def build(self, i: int) -> dict:
+        """Sample i: input_ids, labels, pixel_values, image_sizes; ValueError naming file:line if its
+        line or an image cannot be read."""
+        where, rec = self.record(i)
         ids, labels, pixels, sizes = [], [], [], []
-        for turn in r.rec["conversations"]:
-            images = [load_image(self.image_path(rel, r.where), f"{r.where}: image {rel!r}") for rel in turn["images"]]
+        for turn in rec["conversations"]:
+            images = [load_image(self.image_path(rel, where), f"{where}: image {rel!r}") for rel in turn["images"]]
             try:
-                enc = self.proc(self.prompt(turn), images or None)
+                enc = self.proc(turn_prompt(self.proc, turn), images or None)
             except ValueError as e:
-                raise ValueError(f"{r.where}: {e}") from None
+                raise ValueError(f"{where}: {e}") from None
             prompt_ids = enc["input_ids"][0].tolist()
             answer = self.proc.encode(turn["assistant"] + ANSWER_SUFFIX)
             ids += prompt_ids + answer
@@ -146,12 +144,12 @@ class JsonlDataset(torch.utils.data.Dataset):
             if images:
                 pixels.append(enc["pixel_values"])
                 sizes.append(enc["image_sizes"])
-        if len(ids) != r.length:
-            raise ValueError(f"{r.where}: sample has {len(ids)} tokens, {r.length} were counted from the headers "
-                             "(image changed on disk?)")
+        if len(ids) != self.lengths[i]:
+            raise ValueError(f"{where}: sample has {len(ids)} tokens, {self.lengths[i]} were counted when the "
+                             "data was indexed (image changed on disk?)")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
                 "pixel_values": torch.cat(pixels) if pixels else None,
-                "image_sizes": torch.cat(sizes) if sizes else None, "index": r.rec["id"]}
+                "image_sizes": torch.cat(sizes) if sizes else None, "index": rec["id"]}
 
 
 def training_inputs(input_ids: torch.Tensor, doc_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -239,29 +237,44 @@ def to_device(batch: dict, device: torch.device) -> dict:
 class StepSampler:
     """Deterministic, resumable sampling: optimizer step -> this rank's micro-batches of indices.
 
-    Every epoch is a seeded permutation of the dataset cut into global batches of `batch_size`
-    samples (the last one may be smaller). A global batch is sorted by length (length grouping:
-    similar lengths share a micro-batch, little padding), cut into micro-batches, and these are
-    dealt round-robin to the ranks. The state is just the step counter.
+    Every epoch is a seeded permutation of the dataset (computed once per epoch) cut into global
+    batches of `batch_size` samples (the last one may be smaller). A global batch is sorted by length
+    (length grouping: similar lengths share a micro-batch, little padding), cut into micro-batches,
+    and these are dealt round-robin to the ranks. The state is just the step counter; a step costs
+    O(batch_size log batch_size), whatever the dataset's size.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, micro_batch_size: int, rank: int = 0,
+    def __init__(self, lengths, batch_size: int, micro_batch_size: int, rank: int = 0,
                  world_size: int = 1, seed: int = 0):
-        self.lengths, self.batch_size, self.micro = lengths, batch_size, micro_batch_size
+        self.lengths = np.asarray(lengths)         # [n]
+        self.batch_size, self.micro = batch_size, micro_batch_size
         self.rank, self.world, self.seed = rank, world_size, seed
-        self.steps_per_epoch = math.ceil(len(lengths) / batch_size)
+        self.steps_per_epoch = math.ceil(len(self.lengths) / batch_size)
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's permutation of the sample indices [n] (seed and epoch decide it)."""
+        if epoch != self._epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+            self._epoch, self._order = epoch, rng.permutation(len(self.lengths))
+        return self._order
 
     def global_batch(self, step: int) -> list[int]:
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = list(range(len(self.lengths)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order[k * self.batch_size:(k + 1) * self.batch_size]
+        return self.order(epoch)[k * self.batch_size:(k + 1) * self.batch_size].tolist()
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """This rank's micro-batches for optimizer step `step` (may be empty for a short last batch)."""
-        idx = sorted(self.global_batch(step), key=lambda i: (-self.lengths[i], i))   # longest first
+        idx = np.asarray(self.global_batch(step), dtype=np.int64)
+        idx = idx[np.lexsort((idx, -self.lengths[idx].astype(np.int64)))].tolist()    # longest first, then index
         micro = [idx[j:j + self.micro] for j in range(0, len(idx), self.micro)]
         return micro[self.rank::self.world]
+
+    def n_micro_batches(self, step: int) -> int:
+        """len(micro_batches(step)), by arithmetic."""
+        k = step % self.steps_per_epoch
+        size = min(self.batch_size, len(self.lengths) - k * self.batch_size)
+        return len(range(self.rank, math.ceil(size / self.micro), self.world))
 
     def batches(self, start_step: int, total_steps: int):
         """All micro-batches of steps start_step..total_steps-1, in order (a DataLoader batch_sampler)."""
@@ -279,4 +292,7 @@ class StepBatchSampler(torch.utils.data.Sampler):
         return self.s.batches(self.start, self.total)
 
     def __len__(self) -> int:
-        return sum(len(self.s.micro_batches(k)) for k in range(self.start, self.total))
+        """Arithmetic: every epoch's last step (maybe a short batch) and the full steps between."""
+        s, m = self.s, self.s.steps_per_epoch
+        lasts = self.total // m - self.start // m          # steps k in [start, total) with k % m == m - 1
+        return (self.total - self.start - lasts) * s.n_micro_batches(0) + lasts * s.n_micro_batches(m - 1)

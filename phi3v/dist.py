@@ -34,6 +34,11 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0)) if dist.is_initialized() else 0
+
+
 def is_main() -> bool:
     return rank() == 0
 

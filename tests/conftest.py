@@ -2,8 +2,16 @@
 import os
 from pathlib import Path
 
+import atexit
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+# every dataset index the tests build (and every train.py they start) caches into a folder of this run
+os.environ["PHI3V_CACHE"] = tempfile.mkdtemp(prefix="phi3v-cache-")
+atexit.register(shutil.rmtree, os.environ["PHI3V_CACHE"], ignore_errors=True)
 
 REPO = Path(__file__).resolve().parents[1]
 # CI clones the repo beside ../shared; PHI3V_GOLDEN overrides (e.g. on the GPU machine).

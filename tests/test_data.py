@@ -44,7 +44,7 @@ def write_jsonl(path, records):
 def test_sample_layout(demo_dir, proc):
     ds = JsonlDataset(demo_dir / "data" / "ucf101_train.jsonl", proc)
     s = ds[0]
-    rec = ds.records[0].rec["conversations"][0]
+    rec = ds.record(0)[1]["conversations"][0]
     ids, labels = s["input_ids"], s["labels"]
     answer = proc.encode(rec["assistant"] + ANSWER_SUFFIX)
     # the prompt is exactly what the processor gives for the templated user turn with 8 image tags
