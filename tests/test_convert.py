@@ -506,7 +506,8 @@ def _nlvr2_nulls(src: Path) -> None:
 
 
 def _chat_nulls(src: Path) -> None:
-    msgs = lambda *parts: [{"role": "user", "content": list(parts)}, {"role": "assistant", "content": "ok"}]  # noqa: E731
+    def msgs(*parts):
+        return [{"role": "user", "content": list(parts)}, {"role": "assistant", "content": "ok"}]
     items = [{"id": "good", "messages": msgs({"type": "text", "text": "hi"})},
              {"id": "null", "messages": msgs({"type": "text", "text": "a"}, {"type": "text", "text": None})},
              {"id": "number", "messages": msgs({"type": "text", "text": 5})},
@@ -604,11 +605,15 @@ def test_stale_split_files_of_an_earlier_conversion_are_removed(name, tmp_path, 
 
 
 def test_stale_outputs_are_named_on_the_command_line(tmp_path):
+    """The removal is said on stderr; a skipped.jsonl of an earlier run is emptied when nothing is skipped."""
     src = tmp_path / "raw"
     _nlvr2_nulls(src)
+    (src / "dev.json").write_text((src / "dev.json").read_text().splitlines()[0] + "\n")   # the good line only
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "nlvr2_test.jsonl").write_text("{}\n")
+    (tmp_path / "out" / "skipped.jsonl").write_text('{"reason": "from an earlier run"}\n')
     r = subprocess.run([sys.executable, "-m", "convert.nlvr2", "--src", str(src), "--out_dir", str(tmp_path / "out"),
                         "--no_progress"], cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and json.loads(r.stdout)["removed"] == ["nlvr2_test.jsonl"], r.stderr
     assert f"removed nlvr2_test.jsonl from {tmp_path / 'out'}" in r.stderr
+    assert (tmp_path / "out" / "skipped.jsonl").read_text() == "" and (tmp_path / "out" / "nlvr2_val.jsonl").exists()
