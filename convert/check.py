@@ -15,6 +15,8 @@ from PIL import Image
 
 from phi3v.schema import jsonl_lines, parse_line, validate_record
 
+from .common import image_problem
+
 
 def check_image(path: Path) -> str | None:
     """None if the image is usable, else what is wrong with it."""
@@ -28,7 +30,7 @@ def check_image(path: Path) -> str | None:
             if im.width == 0 or im.height == 0:
                 return "zero-size image"
     except Exception as e:
-        return f"does not open with PIL: {e}"
+        return f"does not open with PIL: {image_problem(e)}"
     return None
 
 

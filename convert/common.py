@@ -4,7 +4,10 @@ Every converter builds an `Output` and feeds it records in input order (sorted f
 `Output.add` validates each record, rejects duplicate ids and writes its images (a record whose
 image is missing or broken is skipped); `finish()` writes `OUT/<file>.jsonl` and
 `OUT/skipped.jsonl`. The same input gives byte-identical output: fixed key order, one JSON
-spelling (`dumps`), images copied byte-for-byte or named by content.
+spelling (`dumps`), images copied byte-for-byte or named by content, skip reasons built from the
+input's text only (no object reprs or memory addresses). Text fields are taken only when they are
+strings (`text_field`): a JSON null or a number never becomes training text. Files of an earlier
+conversion that this one does not write again (a split the new input lacks) are removed and listed.
 """
 import base64
 import hashlib
@@ -15,10 +18,10 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path, PurePosixPath
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from phi3v import cli as phi3v_cli
-from phi3v.jsonfile import write_atomic, write_text_atomic
+from phi3v.jsonfile import show, write_atomic, write_text_atomic
 from phi3v.schema import jsonl_lines, make_record, make_turn, validate_record
 
 # Formats PIL reads that we keep byte-for-byte; anything else is re-encoded to PNG.
@@ -35,6 +38,41 @@ def split_from_name(name: str) -> str | None:
     """'train-00000-of-00001.parquet' -> 'train', 'val_v1.0.json' -> 'val', 'dev.json' -> 'val'."""
     m = re.match(r"(training|train|validation|valid|val|dev|test)(?![a-z])", name.lower())
     return SPLIT_ALIASES[m.group(1)] if m else None
+
+
+def text_value(value, field: str) -> str:
+    """`value` if it is a string; else ValueError naming the field and what it holds: a null or a
+    number never becomes training text (str(None) would be the word "None")."""
+    if not isinstance(value, str):
+        raise ValueError(f"field {field!r}: expected a string, got {show(value)}")
+    return value
+
+
+def text_field(obj: dict, key: str, field: str | None = None) -> str:
+    """`text_value(obj[key])`, named `field` (default `key`); a missing key is an error too."""
+    if key not in obj:
+        raise ValueError(f"field {field or key!r}: missing, expected a string")
+    return text_value(obj[key], field or key)
+
+
+def id_text(value, field: str = "id") -> str:
+    """An input id (a string or an integer) as a record id; ValueError naming the field otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+        raise ValueError(f"field {field!r}: expected a string or an integer, got {show(value)}")
+    return str(value)
+
+
+def image_problem(e: Exception) -> str:
+    """What is wrong with an image, in words that are the same on every run (PIL's own message for
+    an unknown format quotes the file object's repr, memory address included)."""
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    return stable(f"{type(e).__name__}: {e}")
+
+
+def stable(text: str) -> str:
+    """`text` without object reprs that hold a memory address (`<_io.BytesIO object at 0x7f..>`)."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "<object>", text)
 
 
 def safe_name(s) -> str:
@@ -114,11 +152,14 @@ class Output:
     each image of `images` ({relative path: Path to copy or encoded bytes}) under OUT/images/
     (once per path). `finish()` writes OUT/{stem}.jsonl for each stem and OUT/skipped.jsonl, whose
     lines are {"file", "line", "id", "reason"}. With strict=True the first skipped item raises.
+    `outputs`: the stems of every file this converter can write (e.g. "docvqa_test"); those that
+    exist in OUT from an earlier conversion but are not written this time are removed by finish().
     """
 
-    def __init__(self, out_dir, strict: bool = False, progress: bool = False):
+    def __init__(self, out_dir, strict: bool = False, progress: bool = False, outputs=()):
         self.out_dir = Path(out_dir)
         self.strict = strict
+        self.outputs = tuple(outputs)
         self.lines: dict[str, list] = {}            # file stem -> [json line]
         self.ids: dict[str, set] = {}
         self.images: dict[str, tuple] = {}          # rel path -> (source key, error or None)
@@ -130,7 +171,7 @@ class Output:
 
     def skip(self, file, line, id, reason: str) -> None:
         """Report one skipped input item (or raise ConvertError under strict)."""
-        file = str(file)
+        file, reason = str(file), stable(reason)     # a repr with an address would differ between runs
         if self.strict:
             loc = f"{file}:{line}" if line is not None else file
             raise ConvertError(f"{loc}: {reason}" + (f" (id {id})" if id is not None else ""))
@@ -147,7 +188,7 @@ class Output:
         except FileNotFoundError:
             err = f"image not found: {src}"
         except Exception as e:
-            err = f"unreadable image {src if isinstance(src, Path) else '(embedded bytes)'}: {e}"
+            err = f"unreadable image {src if isinstance(src, Path) else '(embedded bytes)'}: {image_problem(e)}"
         self.images[rel] = (key, err)
         return err
 
@@ -174,15 +215,23 @@ class Output:
         return True
 
     def finish(self) -> dict:
-        """Write the jsonl files and skipped.jsonl; return stats."""
+        """Write the jsonl files and skipped.jsonl (always, empty when nothing was skipped), remove
+        this converter's files of an earlier conversion that this one did not write; return stats
+        ("removed": the names of those files)."""
         self.bar.close()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         for stem in sorted(self.lines):
             write_text(self.out_dir / f"{stem}.jsonl", "".join(self.lines[stem]))
         write_text(self.out_dir / "skipped.jsonl", "".join(dumps(s) + "\n" for s in self.skipped))
+        removed = []
+        for stem in sorted(set(self.outputs) - set(self.lines)):
+            stale = self.out_dir / f"{stem}.jsonl"
+            if stale.is_file():
+                stale.unlink()
+                removed.append(stale.name)
         n_img = sum(1 for _, err in self.images.values() if err is None)
         return {"records": {f"{stem}.jsonl": len(v) for stem, v in sorted(self.lines.items())},
-                "images": n_img, "skipped": len(self.skipped), "out_dir": str(self.out_dir)}
+                "images": n_img, "skipped": len(self.skipped), "removed": removed, "out_dir": str(self.out_dir)}
 
 
 def write_text(path: Path, text: str) -> None:
@@ -234,6 +283,12 @@ def read_json_or_jsonl(path: Path, out: Output, where: str) -> list:
         except json.JSONDecodeError as e:
             out.skip(where, line_no, None, f"broken JSON line: {e.msg}")
     return rows
+
+
+def split_outputs(name: str, splits) -> list:
+    """The output stems `{name}_{split}` a dataset converter can write: its own splits and those a
+    Cauldron parquet or a split-named file can give (train, val, test)."""
+    return [f"{name}_{s}" for s in sorted(set(splits) | set(SPLIT_ALIASES.values()))]
 
 
 def split_of(path: Path) -> str | None:
@@ -320,10 +375,20 @@ def add_cauldron(out: Output, files: list, name: str, root: Path, val_rows: int 
             if len(rels) != len(ims):
                 out.skip(where, line, rid, f"image {len(rels)} has no decodable bytes")
                 continue
-            texts = [t if isinstance(t, dict) else {} for t in texts]     # not an object: fails validation
-            turns = [make_turn(rels if j == 0 else [], t.get("user"), t.get("assistant"))
-                     for j, t in enumerate(texts)]
+            try:
+                turns = [cauldron_turn(t, j, rels if j == 0 else []) for j, t in enumerate(texts)]
+            except ValueError as e:
+                out.skip(where, line, rid, str(e))
+                continue
             out.add(f"{name}_{this}", make_record(rid, name, turns), where, line, images)
+
+
+def cauldron_turn(t, j: int, images: list) -> dict:
+    """Turn j of a Cauldron row from its texts[j] = {"user", "assistant", ...} (both strings)."""
+    if not isinstance(t, dict):
+        raise ValueError(f"field 'texts[{j}]': expected an object with user and assistant, got {show(t)}")
+    return make_turn(images, text_field(t, "user", f"texts[{j}].user"),
+                     text_field(t, "assistant", f"texts[{j}].assistant"))
 
 
 def add_release_and_cauldron(out: "Output", src: Path, files: list, file_splits: dict, add_file, name: str,
@@ -390,11 +455,7 @@ def pair_turns(msgs: list) -> tuple:
 def item_id(item: dict, index: int, stem: str) -> str:
     """A chat item's id as a string (ids may be strings or integers); "{stem}-{index:08d}" if absent."""
     rid = item.get("id")
-    if rid is None:
-        return f"{stem}-{index:08d}"
-    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
-        raise ValueError(f"'id' must be a string or an integer, got {type(rid).__name__}")
-    return str(rid)
+    return f"{stem}-{index:08d}" if rid is None else id_text(rid)
 
 
 def val_rows_option(default: int) -> tuple:
@@ -406,7 +467,15 @@ def val_rows_option(default: int) -> tuple:
 def chat_file_options(source: str) -> tuple:
     """The extra CLI options of the chat-format converters (llava, sharegpt), for `cli`."""
     return ((["--image_folder"], dict(default=None, help="folder the local image paths are relative to")),
-            (["--source"], dict(default=source, help=f'value of the "source" field (default {source})')))
+            (["--source"], dict(default=source, type=_name, help=f'value of the "source" field (default {source})')))
+
+
+def _name(text: str) -> str:
+    import argparse
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a non-empty name")
+    return text
 
 
 def convert_chat_file(src, out_dir, to_record, image_folder=None, source: str = "", strict: bool = False,
@@ -416,6 +485,10 @@ def convert_chat_file(src, out_dir, to_record, image_folder=None, source: str = 
     src = Path(src)
     if not src.is_file():
         raise ConvertError(f"{src}: not a file")
+    if image_folder is not None and not Path(image_folder).is_dir():
+        raise ConvertError(f"image_folder {image_folder}: no such folder")
+    if not isinstance(source, str) or not source.strip():
+        raise ConvertError(f"source must be a non-empty name (every record's \"source\"), got {source!r}")
     folder = Path(image_folder) if image_folder else src.parent
     out = Output(out_dir, strict=strict, progress=progress)
     for i, (line, item) in enumerate(read_json_or_jsonl(src, out, src.name)):
@@ -458,6 +531,9 @@ def cli(convert_fn, doc: str, *options, workers: bool = False) -> None:
     with phi3v_cli.errors(prog):
         stats = convert_fn(**kw)
     print(json.dumps(stats, indent=1))
+    if stats.get("removed"):
+        print(f"removed {', '.join(stats['removed'])} from {stats['out_dir']}: output of an earlier conversion "
+              "that this input does not produce", file=sys.stderr)
     if stats.get("skipped"):
         print(f"{stats['skipped']} item(s) skipped: see {Path(stats['out_dir']) / 'skipped.jsonl'}",
               file=sys.stderr)

@@ -12,33 +12,47 @@ RAW (a folder, searched recursively, or one file) may hold any of:
   * The Cauldron `docvqa` parquet (columns images, texts): one record per document with every QA
     as a turn, wording verbatim (the recipe's --full_train data); ids `{split}-{row:010d}`.
 The split comes from the file name (train*/val*/validation*/dev*/test*), a parent folder, or the
-json's "dataset_split". Questions without answers (the official test set) are skipped and reported.
+json's "dataset_split". Questions without answers (the official test set) are skipped and reported,
+as are items whose id, question or any answer is not a string (a null, a number): the field is named.
 """
 import json
 from pathlib import Path, PurePosixPath
 
+from phi3v.jsonfile import show
 from phi3v.schema import make_record, make_turn
 
-from .common import (ConvertError, Output, add_cauldron, cli, find_files, image_ext, is_cauldron, parquet_rows,
-                     read_text, safe_name, split_from_name, split_of, val_rows_option)
+from .common import (ConvertError, Output, add_cauldron, cli, find_files, id_text, image_ext, is_cauldron,
+                     parquet_rows, read_text, safe_name, split_from_name, split_of, split_outputs, text_field,
+                     text_value, val_rows_option)
 
 NAME = "docvqa"
 SUFFIX = "\nAnswer briefly."
 
 
+def _question(item: dict, key: str) -> str:
+    """The question text: item[key] (official json "question"), or item[key]["en"] (nielsr "query")."""
+    if isinstance(item.get(key), dict):
+        return text_field(item[key], "en", f"{key}.en")
+    return text_field(item, key)
+
+
 def _answers(value) -> list:
-    return [str(a) for a in value] if isinstance(value, (list, tuple)) else []
+    """The answers as strings; [] when there are none (unlabelled); ValueError naming a non-string one."""
+    if value is None or value == []:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"field 'answers': expected a list of strings, got {show(value)}")
+    return [text_value(a, f"answers[{i}]") for i, a in enumerate(value)]
 
 
-def _question(query) -> str | None:
-    if isinstance(query, dict):
-        return query.get("en")
-    return query if isinstance(query, str) else None
-
-
-def _add_qa(out, split, rid, question, answers, where, line, rel, src):
-    if not isinstance(question, str) or not question:
-        out.skip(where, line, rid, f"question is not a string: {question!r:.60}" if question else "no question text")
+def _add_qa(out, split, rid, item, qkey, where, line, rel, src):
+    try:
+        question, answers = _question(item, qkey), _answers(item.get("answers"))
+    except ValueError as e:
+        out.skip(where, line, rid, str(e))
+        return
+    if not question.strip():
+        out.skip(where, line, rid, f"field {qkey!r}: no question text")
     elif not answers:
         out.skip(where, line, rid, "no answers (unlabelled split)")
     else:
@@ -48,14 +62,19 @@ def _add_qa(out, split, rid, question, answers, where, line, rel, src):
 
 def _add_parquet(out: Output, f: Path, where: str, split: str) -> None:
     for i, r in enumerate(parquet_rows(f)):
-        rid, line = str(r.get("id")), f"row {i}"
+        line = f"row {i}"
+        try:
+            rid = id_text(r.get("id"))
+        except ValueError as e:
+            out.skip(where, line, None, str(e))
+            continue
         data = (r.get("image") or {}).get("bytes")
         ext = image_ext(data) if data else None
         if ext is None:
             out.skip(where, line, rid, "image has no decodable bytes")
             continue
         rel = f"{split}/{safe_name(rid)}.{ext}"
-        _add_qa(out, split, rid, _question(r.get("query")), _answers(r.get("answers")), where, line, rel, data)
+        _add_qa(out, split, rid, r, "query", where, line, rel, data)
 
 
 def _add_json(out: Output, f: Path, where: str, doc: dict) -> None:
@@ -67,14 +86,16 @@ def _add_json(out: Output, f: Path, where: str, doc: dict) -> None:
         if not isinstance(item, dict):
             out.skip(where, line, None, "item is not an object")
             continue
-        rid = str(item.get("questionId", ""))
-        img = str(item.get("image", ""))
-        parts = PurePosixPath(img).parts
-        if not img or PurePosixPath(img).is_absolute() or ".." in parts:
-            out.skip(where, line, rid, f"bad image path {img!r}")
+        try:
+            rid = id_text(item.get("questionId"), "questionId")
+        except ValueError as e:
+            out.skip(where, line, None, str(e))
             continue
-        _add_qa(out, split, rid, item.get("question"), _answers(item.get("answers")), where, line,
-                f"{split}/{img}", f.parent / img)
+        img = item.get("image")
+        if not isinstance(img, str) or not img or PurePosixPath(img).is_absolute() or ".." in PurePosixPath(img).parts:
+            out.skip(where, line, rid, f"field 'image': expected a relative image path, got {show(img)}")
+            continue
+        _add_qa(out, split, rid, item, "question", where, line, f"{split}/{img}", f.parent / img)
 
 
 def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows: int = 0) -> dict:
@@ -85,7 +106,7 @@ def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows
     """
     src = Path(src)
     files = find_files(src, (".parquet", ".json"))
-    out = Output(out_dir, strict=strict, progress=progress)
+    out = Output(out_dir, strict=strict, progress=progress, outputs=split_outputs(NAME, ()))
     cauldron, n_used = [], 0
     for f in files:
         rel = f.relative_to(src) if f != src else Path(f.name)

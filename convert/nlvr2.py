@@ -9,7 +9,8 @@ RAW (a folder, searched recursively, or one file) may hold:
     (left) and `-img1.png` (right), e.g. dev-850-0-img0.png. Files map to splits train -> train,
     dev -> val, test1 -> test, test2 -> test2. The user text is PROMPT with the sentence; the answer
     is "true" or "false". Images go to `{split}/{file name}` (shared by the sentences of a pair).
-    Images cannot be downloaded here (offline); a missing one skips the record with its URL.
+    Images cannot be downloaded here (offline); a missing one skips the record with its URL. A
+    sentence that is not a string (a null, a number) skips the record, naming the field.
   * The Cauldron `nlvr2` parquet (the recipe's data; columns images [2], texts): wording kept
     verbatim, all QA of a pair as turns (the recipe trains on all of them), ids `{split}-{row:010d}`;
     the first --val_rows (default 500) rows become val, as the recipe's eval = train[:500].
@@ -18,7 +19,8 @@ from pathlib import Path
 
 from phi3v.schema import make_record, make_turn
 
-from .common import Output, add_release_and_cauldron, cli, find_files, read_json_or_jsonl, val_rows_option
+from .common import (Output, add_release_and_cauldron, cli, find_files, read_json_or_jsonl, split_outputs,
+                     text_field, val_rows_option)
 
 NAME = "nlvr2"
 PROMPT = 'Is this statement about the left and right images true or false? "{sentence}"\nAnswer true or false.'
@@ -36,6 +38,11 @@ def _add_lines(out: Output, f: Path, where: str, split: str, index: dict) -> Non
         if label not in ("true", "false"):
             out.skip(where, line, ident, f"label is not True/False (got {obj.get('label')!r})")
             continue
+        try:
+            sentence = text_field(obj, "sentence").strip()
+        except ValueError as e:
+            out.skip(where, line, ident, str(e))
+            continue
         base = ident.rsplit("-", 1)[0]
         images, rels = {}, []
         for k, side in enumerate(("left", "right")):
@@ -47,7 +54,7 @@ def _add_lines(out: Output, f: Path, where: str, split: str, index: dict) -> Non
             rels.append(f"{split}/{path.name}")
             images[rels[-1]] = path
         else:
-            turn = make_turn(rels, PROMPT.format(sentence=str(obj.get("sentence") or "").strip()), label)
+            turn = make_turn(rels, PROMPT.format(sentence=sentence), label)
             out.add(f"{NAME}_{split}", make_record(ident, NAME, [turn]), where, line, images)
 
 
@@ -58,7 +65,7 @@ def convert(src, out_dir, strict: bool = False, progress: bool = False, val_rows
     """
     src = Path(src)
     files = find_files(src, (".json", ".jsonl", ".parquet"))
-    out = Output(out_dir, strict=strict, progress=progress)
+    out = Output(out_dir, strict=strict, progress=progress, outputs=split_outputs(NAME, FILE_SPLITS.values()))
     index = {}  # image stem -> first path in sorted order
     img_root = src if src.is_dir() else src.parent
     for p in sorted(q for q in img_root.rglob("*") if q.suffix.lower() in IMAGE_EXTS and q.is_file()):

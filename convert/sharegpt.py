@@ -10,15 +10,17 @@ Content parts: {"type": "text", "text"}, {"type": "image_url", "image_url": {"ur
 data: URL (written as OUT/images/{stem}/{sha1 prefix}.{ext}); http(s) URLs cannot be fetched
 offline and skip the record. String content may instead use `<image>` placeholders that take the
 item's top-level "images" in order (the LLaMA-Factory sharegpt layout). Text parts of one message
-are joined with "\\n". A leading system message goes to the extra field "system". A missing id
-becomes "{stem}-{index:08d}".
+are joined with "\\n"; a text that is not a string (a null, a number) skips the item, naming the
+field. A leading system message goes to the extra field "system". A missing id becomes
+"{stem}-{index:08d}".
 """
 from pathlib import Path
 
+from phi3v.jsonfile import show
 from phi3v.schema import make_record, make_turn
 
 from .common import (chat_file_options, cli, content_name, convert_chat_file, decode_data_url, image_ext, item_id,
-                     local_image, pair_turns, strip_placeholders)
+                     local_image, pair_turns, strip_placeholders, text_field)
 
 
 def _image(ref, stem: str, folder: Path) -> tuple:
@@ -38,8 +40,9 @@ def _image(ref, stem: str, folder: Path) -> tuple:
     return local_image(ref, folder)
 
 
-def _content(content, stem: str, folder: Path, pool: list) -> tuple:
-    """(text, [(rel, source)]) of one message; `pool` feeds `<image>` placeholders in string content."""
+def _content(content, stem: str, folder: Path, pool: list, field: str) -> tuple:
+    """(text, [(rel, source)]) of one message; `pool` feeds `<image>` placeholders in string content.
+    `field` names the content in errors ("messages[1].content")."""
     if isinstance(content, str):
         n = content.count("<image>")
         if n > len(pool):
@@ -47,12 +50,12 @@ def _content(content, stem: str, folder: Path, pool: list) -> tuple:
         refs = [pool.pop(0) for _ in range(n)]
         return strip_placeholders(content), [_image(r, stem, folder) for r in refs]
     if not isinstance(content, list):
-        raise ValueError(f"content must be a string or a list of parts, got {type(content).__name__}")
+        raise ValueError(f"field {field!r}: expected a string or a list of parts, got {show(content)}")
     texts, images = [], []
-    for part in content:
+    for k, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
-            texts.append(str(part.get("text", "")))
+            texts.append(text_field(part, "text", f"{field}[{k}].text"))
         elif kind == "image_url":
             images.append(_image(part.get("image_url"), stem, folder))
         elif kind == "image":
@@ -77,11 +80,11 @@ def to_record(item, index: int, stem: str, source: str, folder: Path) -> tuple:
     if not isinstance(messages, list):
         raise ValueError(f"'{key}' must be a list of messages, got {messages!r:.80}")
     msgs = []
-    for m in messages:
+    for j, m in enumerate(messages):
         role = m.get("role") if isinstance(m, dict) else None
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"message {m!r:.80}: role must be system/user/assistant")
-        text, images = _content(m.get("content"), stem, folder, pool)
+        text, images = _content(m.get("content"), stem, folder, pool, f"{key}[{j}].content")
         if images and role != "user":
             raise ValueError(f"image in a {role} message")
         msgs.append((role, (text, images)))

@@ -121,11 +121,14 @@ def convert(src, out_dir, num_frames: int = 8, classes: list | None = None, stri
     found = sorted({d.name for s in SPLITS if (root / s).is_dir() for d in (root / s).iterdir() if d.is_dir()})
     if classes is None:
         classes = found
+    twice = sorted({c for c in classes if list(classes).count(c) > 1})
+    if twice:
+        raise ConvertError(f"classes name {twice} more than once")
     missing = [c for c in classes if c not in found]
     if missing:
         raise ConvertError(f"{root}: no folder for class(es) {missing}; found {found}")
     if not classes:
-        raise ConvertError(f"{root}: no class folders found")
+        raise ConvertError(f"{root}: no class folders found" if not found else "classes is empty")
     text = prompt(classes)
 
     # One global counter over all listed videos: train, then val, then test, each sorted.
@@ -137,7 +140,7 @@ def convert(src, out_dir, num_frames: int = 8, classes: list | None = None, stri
                 for v in sorted(p for p in d.iterdir() if p.suffix.lower() == ".avi" and p.is_file()):
                     videos.append((split, cls, v))
 
-    out = Output(out_dir, strict=strict)
+    out = Output(out_dir, strict=strict, outputs=[f"ucf101_{s}" for s in SPLITS])
     jobs, rels = [], []
     for split, cls, v in videos:
         rel = [f"{split}/{cls}/{v.stem}.{k}.jpg" for k in range(num_frames)]
@@ -163,7 +166,13 @@ def convert(src, out_dir, num_frames: int = 8, classes: list | None = None, stri
 
 
 def _classes(text: str) -> list:
-    return [c.strip() for c in text.split(",") if c.strip()]
+    """--classes A,B: the names, each once (an empty list or a repeated name is an argument error)."""
+    import argparse
+
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated class names, each once, got {text!r}")
+    return names
 
 
 if __name__ == "__main__":

@@ -68,12 +68,22 @@ def main(argv=None) -> int:
     p.add_argument("--num_crops", type=cli.positive_int, help="HD crops per image (default: preprocessor_config.json)")
     p.add_argument("--max_new_tokens", type=cli.positive_int, default=256)
     p.add_argument("--do_sample", action="store_true")
-    p.add_argument("--temperature", type=cli.positive_float, default=1.0)
-    p.add_argument("--top_p", type=cli.probability, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--temperature", type=cli.positive_float, default=None, help="with --do_sample (default 1.0)")
+    p.add_argument("--top_p", type=cli.probability, default=None,
+                   help="nucleus sampling mass, in (0, 1], with --do_sample (default 1.0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    # flags that would be silently ignored are refused, saying why and what to use instead
+    sampling = [f"--{k}" for k in ("temperature", "top_p") if getattr(a, k) is not None]
+    if sampling and not a.do_sample:
+        p.error(f"{' and '.join(sampling)}: only used when sampling; add --do_sample (without it decoding is greedy "
+                f"and ignores {'them' if len(sampling) > 1 else 'it'})")
+    if a.num_crops is not None and not a.image:
+        p.error("--num_crops only applies to images; add --image FILE or drop --num_crops")
+    a.temperature = 1.0 if a.temperature is None else a.temperature
+    a.top_p = 1.0 if a.top_p is None else a.top_p
     try:
         device = parse_device(a.device)
     except ValueError as e:

@@ -87,8 +87,34 @@ def local_dir(path_or_hub_id: str | Path, patterns: list[str] | None = None) -> 
     if p.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", s):
         raise FileNotFoundError(f"{s!r} is neither a checkpoint directory nor a hub id like "
                                 "'microsoft/Phi-3.5-vision-instruct'")
-    from huggingface_hub import snapshot_download
-    return Path(snapshot_download(s, allow_patterns=patterns or ["*.json", "*.safetensors"]))
+    return hub_snapshot(s, patterns or ["*.json", "*.safetensors"])
+
+
+def hub_snapshot(hub_id: str, patterns: list[str]) -> Path:
+    """The folder of a hub repository's files (those matching `patterns`) in the huggingface_hub
+    cache, downloaded when missing. Where that cannot be done (offline and not cached, no such
+    repository, a gated one, a failed download) the error names the id and says what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
+                                       OfflineModeIsEnabled, RepositoryNotFoundError)   # .utils: hub 0.23 .. 2.x
+    local = "or point --model (the path argument) at a local directory holding its files"
+    try:
+        return Path(snapshot_download(hub_id, allow_patterns=patterns))
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise FileNotFoundError(f"hub id {hub_id!r} is not in the local Hugging Face cache and {why}: download it "
+                                f"first (`hf download {hub_id}`, where there is network) {local}") from None
+    except GatedRepoError:
+        raise PermissionError(f"hub id {hub_id!r} is a gated repository: accept its terms on huggingface.co and "
+                              f"log in (`hf auth login`), {local}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"hub id {hub_id!r}: no such repository on the Hugging Face hub (or a private one: "
+                                f"log in with `hf auth login`); check the name, {local}") from None
+    except HfHubHTTPError as e:
+        msg = " ".join(str(e).split())
+        raise OSError(f"hub id {hub_id!r}: download failed ({msg}); retry, {local}") from None
+    except HFValidationError as e:
+        raise ValueError(f"{hub_id!r} is neither a local directory nor a valid hub id ({e})") from None
 
 
 def checkpoint_files(d: Path) -> dict[str, Path]:
@@ -141,31 +167,47 @@ def read_tensors(files: dict[str, Path]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_state(model: torch.nn.Module, hf_tensors: dict[str, torch.Tensor], dtype, device) -> None:
-    """Strictly assign HF-named tensors to `model`; extras the forward never uses go to hf_extras."""
+def load_state(model: torch.nn.Module, hf_tensors: dict[str, torch.Tensor], dtype, device,
+               files: dict[str, Path] | None = None) -> None:
+    """Strictly assign HF-named tensors to `model`; extras the forward never uses go to hf_extras.
+
+    Every misfit is a ValueError naming the file (`files`: HF key -> safetensors file, as
+    `checkpoint_files` returns), the key and what was expected: a key with no rule in the key map or
+    that the model lacks, a wrong shape, an integer (or bool, complex) dtype, a missing tensor."""
     cfg = model.config
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    files = files or {}
     ours, extras = {}, {}
     for hk, t in hf_tensors.items():
+        src = files.get(hk, "checkpoint")
         if hk in ALIASES:
             continue
+        if not t.is_floating_point():       # every tensor of the model is a float weight
+            raise ValueError(f"{src}: tensor {hk!r} has dtype {str(t.dtype).replace('torch.', '')}, expected a "
+                             "floating-point weight (float32, bfloat16 or float16)")
         if is_unused(cfg, hk):
             want = unused_shapes(cfg).get(hk)
             if want is None or tuple(t.shape) != want:
-                raise ValueError(f"unexpected checkpoint tensor {hk!r} with shape {list(t.shape)}")
+                raise ValueError(f"{src}: unexpected tensor {hk!r} with shape {list(t.shape)}"
+                                 + (f" (expected {list(want)})" if want else " (the model has no such CLIP tensor)"))
             extras[hk] = t.to(dtype)
             continue
-        k = to_ours(hk)
+        try:
+            k = to_ours(hk)
+        except KeyError:
+            raise ValueError(f"{src}: tensor {hk!r} is not part of Phi-3.5-vision (no rule in the key map; "
+                             f"expected a name starting with one of {[hf for hf, _ in PREFIXES]})") from None
         if k not in expected:
-            raise ValueError(f"unexpected checkpoint tensor {hk!r} (shape {list(t.shape)}): the model has no {k!r}")
+            raise ValueError(f"{src}: unexpected tensor {hk!r} (shape {list(t.shape)}): the model has no {k!r}")
         if tuple(t.shape) != expected[k]:
-            raise ValueError(f"checkpoint tensor {hk!r} has shape {list(t.shape)}, the model expects "
+            raise ValueError(f"{src}: tensor {hk!r} has shape {list(t.shape)}, the model expects "
                              f"{list(expected[k])} (config.json does not match the weights?)")
         ours[k] = t.to(device=device, dtype=dtype)
     missing = [to_hf(k) for k in expected if k not in ours]
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
-                         + (" ..." if len(missing) > 8 else ""))
+        where = sorted({str(Path(f).parent) for f in files.values()}) or ["checkpoint"]
+        raise ValueError(f"{', '.join(where)}: checkpoint is missing {len(missing)} tensor(s): "
+                         f"{', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
     model.load_state_dict(ours, strict=True, assign=True)
     model.hf_extras = extras
 

@@ -352,32 +352,46 @@ def _read_config(d: Path) -> dict:
             "base_model_name_or_path": f.string("base_model_name_or_path", None, null=True)}
 
 
-def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(d: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(weights file, {key: tensor}) of an adapter directory; ValueError naming the file if it is
+    unreadable or not a mapping of names to tensors."""
     st, pt = d / WEIGHTS_NAME, d / "adapter_model.bin"
     if st.exists():
         try:
-            return load_file(str(st))
+            return st, load_file(str(st))
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise ValueError(f"{st}: cannot read safetensors file ({e})") from None
     if pt.exists():
         try:
-            return torch.load(pt, map_location="cpu", weights_only=True)
+            tensors = torch.load(pt, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises RuntimeError/UnpicklingError/EOFError for corrupt files
             raise ValueError(f"{pt}: cannot read ({e})") from None
+        if not isinstance(tensors, dict):
+            raise ValueError(f"{pt}: expected a state dict (names -> tensors), got {type(tensors).__name__}")
+        for key, t in tensors.items():
+            if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+                raise ValueError(f"{pt}: entry {key!r} is a {type(t).__name__}, expected a tensor under a string name")
+        return pt, tensors
     raise FileNotFoundError(f"{d} has neither {WEIGHTS_NAME} nor adapter_model.bin")
 
 
-def _adapter_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, dict], int]:
+def _adapter_modules(model: nn.Module, tensors: dict[str, torch.Tensor],
+                     path: Path) -> tuple[dict[str, dict], int]:
     """{our module name: {"A": tensor, "B": tensor}} from peft keys, and how many tensors belonged
-    to CLIP blocks the model never runs (skipped)."""
-    out, skipped = {}, 0
+    to CLIP blocks the model never runs (skipped). Errors name the weights file `path` and the key."""
+    out, keys, skipped = {}, {}, 0
     cfg = getattr(model, "config", None)
     for key, t in tensors.items():
         hk = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = re.fullmatch(r"(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", hk)   # also `.lora_A.default.weight`
         if m is None:
-            raise ValueError(f"adapter tensor {key!r} is not a LoRA A/B weight (bias, embedding or "
+            raise ValueError(f"{path}: tensor {key!r} is not a LoRA A/B weight (bias, embedding or "
                              "modules_to_save adapters are not supported)")
+        if not t.is_floating_point():
+            raise ValueError(f"{path}: tensor {key!r} has dtype {str(t.dtype).replace('torch.', '')}, expected a "
+                             "floating-point LoRA weight (float32, bfloat16 or float16)")
+        if t.dim() != 2:
+            raise ValueError(f"{path}: tensor {key!r} has shape {list(t.shape)}, expected a 2-D LoRA weight matrix")
         hf_mod, which = m.groups()
         if cfg is not None and is_unused(cfg, hf_mod + ".weight"):
             skipped += 1     # peft without the recipe's CLIP patch also wraps the unused last block
@@ -385,8 +399,11 @@ def _adapter_modules(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tupl
         try:
             name = to_ours(hf_mod + ".weight")[: -len(".weight")]
         except KeyError:
-            raise ValueError(f"adapter tensor {key!r}: module {hf_mod!r} is not part of this model") from None
-        out.setdefault(name, {})[which] = t
+            raise ValueError(f"{path}: tensor {key!r}: module {hf_mod!r} is not part of this model") from None
+        if which in out.setdefault(name, {}):
+            raise ValueError(f"{path}: tensors {keys[name, which]!r} and {key!r} are both lora_{which} of module "
+                             f"{hf_mod!r}; keep one")
+        out[name][which], keys[name, which] = t, key
     return out, skipped
 
 
@@ -414,28 +431,29 @@ def load_adapter(model: nn.Module, adapter_dir) -> nn.Module:
         warnings.warn(f"adapter {d} was trained on {base!r}, loading it onto {ours!r}", stacklevel=2)
 
     found = _find_targets(model, targets, layers_only=False)
-    adapter, skipped = _adapter_modules(model, _read_tensors(d))
+    path, tensors = _read_tensors(d)
+    adapter, skipped = _adapter_modules(model, tensors, path)
     for name, ab in adapter.items():
         if name not in found:
             if name in dict(model.named_modules()):
-                raise ValueError(f"adapter has tensors for module {_hf_name(name)!r}, which target_modules="
+                raise ValueError(f"{path}: tensors for module {_hf_name(name)!r}, which target_modules="
                                  f"{targets} does not select")
-            raise ValueError(f"adapter has tensors for module {_hf_name(name)!r}, which the model does not have")
+            raise ValueError(f"{path}: tensors for module {_hf_name(name)!r}, which the model does not have")
         for which in "AB":
             if which not in ab:
-                raise ValueError(f"adapter is missing lora_{which} for module {_hf_name(name)!r}")
+                raise ValueError(f"{path}: no lora_{which} for module {_hf_name(name)!r}")
         mod = found[name]
         want_a, want_b = (r, mod.in_features), (mod.out_features, r)
         got_a, got_b = tuple(ab["A"].shape), tuple(ab["B"].shape)
         if got_a[:1] != (r,) or got_b[1:] != (r,):
-            raise ValueError(f"module {_hf_name(name)!r}: adapter tensors have rank {got_a[0]}/{got_b[-1]} "
+            raise ValueError(f"{path}: module {_hf_name(name)!r}: adapter tensors have rank {got_a[0]}/{got_b[-1]} "
                              f"but adapter_config.json says r={r}")
         if got_a != want_a or got_b != want_b:
-            raise ValueError(f"module {_hf_name(name)!r}: lora_A {list(got_a)} / lora_B {list(got_b)} do not fit "
-                             f"the layer (expected {list(want_a)} / {list(want_b)})")
+            raise ValueError(f"{path}: module {_hf_name(name)!r}: lora_A {list(got_a)} / lora_B {list(got_b)} do not "
+                             f"fit the layer (expected {list(want_a)} / {list(want_b)})")
     missing = [n for n in found if n not in adapter]
     if missing:
-        raise ValueError(f"adapter has no tensors for targeted module(s) {[_hf_name(n) for n in missing[:8]]}")
+        raise ValueError(f"{path}: no tensors for targeted module(s) {[_hf_name(n) for n in missing[:8]]}")
     if skipped:
         warnings.warn(f"{d}: skipped {skipped} tensor(s) of CLIP layers this model never runs", stacklevel=2)
 

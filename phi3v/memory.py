@@ -25,6 +25,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import cli
 from .config import CROP, Phi3VConfig, crop_grid_tokens
 from .data import to_device, training_inputs
 from .finetune import MODES, prepare
@@ -252,28 +253,45 @@ def advise(budget_gb: float, batch_for=None, **kw) -> str | None:
     return None
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m phi3v.memory", description=__doc__.split("\n")[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, with every value range-checked and no flag that the plan would ignore:
+    such a flag is an error (one line, exit 2) that says why and what to use instead."""
+    p = cli.ArgumentParser(prog="phi3v.memory", description=__doc__.split("\n")[0])
     p.add_argument("--mode", choices=MODES, default="lora")
     p.add_argument("--freeze_vision", action="store_true", help="freeze CLIP, separators and projector")
     p.add_argument("--task", choices=sorted(TASK_SAMPLES), default="docvqa", help="sample shape (PERF.md's)")
-    p.add_argument("--num_crops", type=int, help="each image at the largest grid of this many crops")
-    p.add_argument("--tokens", type=int, help="total tokens per sample (text fills what the images leave)")
-    p.add_argument("--micro_batch_size", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=64, help="global batch: decides --offload_optimizer auto")
+    p.add_argument("--num_crops", type=cli.positive_int, help="each image at the largest grid of this many crops")
+    p.add_argument("--tokens", type=cli.positive_int, help="total tokens per sample (text fills what the images leave)")
+    p.add_argument("--micro_batch_size", type=cli.positive_int, default=1)
+    p.add_argument("--batch_size", type=cli.positive_int, default=None,
+                   help="global batch (default 64): decides --offload_optimizer auto for LoRA/QLoRA")
     p.add_argument("--offload_optimizer", choices=["auto", "on", "off"], default="auto",
                    help="optimizer state in host memory (auto: LoRA/QLoRA with >= 32 micro-batches per step)")
     p.add_argument("--offload_activations", action="store_true",
                    help="what autograd saves for backward (weights excepted) in host memory until backward")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="full")
-    p.add_argument("--world_size", type=int, default=1)
-    p.add_argument("--lora_rank", type=int, default=64)
+    p.add_argument("--world_size", type=cli.positive_int, default=1)
+    p.add_argument("--lora_rank", type=cli.positive_int, default=None, help="LoRA/QLoRA rank (default 64)")
     prec = p.add_mutually_exclusive_group()
     for name in ("bf16", "fp16", "fp32"):
         prec.add_argument(f"--{name}", dest="dtype", action="store_const", const=name)
-    p.add_argument("--gpu_memory", type=float, help="GB the GPU has: say whether it fits, else the cheapest change")
+    p.add_argument("--gpu_memory", type=cli.positive_float,
+                   help="GB the GPU has: say whether it fits, else the cheapest change")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     a = p.parse_args(argv)
+    if a.lora_rank is not None and a.mode == "full":
+        p.error("--lora_rank applies to --mode lora/qlora; --mode full trains every weight and has no rank")
+    if a.batch_size is not None and (a.offload_optimizer != "auto" or a.mode == "full"):
+        p.error("--batch_size only decides --offload_optimizer auto for LoRA/QLoRA, which "
+                + (f"--offload_optimizer {a.offload_optimizer} overrides" if a.offload_optimizer != "auto"
+                   else "--mode full never uses") + "; drop --batch_size (the plan is per micro-batch)")
+    a.lora_rank = 64 if a.lora_rank is None else a.lora_rank
+    a.batch_size = 64 if a.batch_size is None else a.batch_size
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype or "bf16"]
     offload = offload_optimizer(a.offload_optimizer, a.mode, a.batch_size, a.micro_batch_size, a.world_size)
     try:
@@ -288,7 +306,7 @@ def main(argv=None) -> int:
                 world_size=a.world_size, dtype=dtype, lora_rank=a.lora_rank, offload_optimizer=offload,
                 offload_activations=a.offload_activations)
     except ValueError as e:
-        sys.stderr.write(f"python -m phi3v.memory: error: {e}\n")
+        sys.stderr.write(f"phi3v.memory: error: {cli.message(e)}\n")
         return 2
     if a.json:
         print(json.dumps(plan))
@@ -308,4 +326,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with cli.errors("phi3v.memory"):
+        sys.exit(main())

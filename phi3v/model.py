@@ -186,12 +186,16 @@ class Phi3V(nn.Module):
     def from_pretrained(cls, path_or_hub_id: str | Path, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu") -> "Phi3V":
         """Load an official-layout checkpoint (local directory or hub id) strictly, in eval mode."""
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype (torch.float32, torch.bfloat16, "
+                             f"torch.float16), got {dtype!r}")
         d = hf.local_dir(path_or_hub_id)
         cfg = Phi3VConfig.from_json(d / "config.json")
-        tensors = hf.read_tensors(hf.checkpoint_files(d))
+        files = hf.checkpoint_files(d)
+        tensors = hf.read_tensors(files)
         with torch.device("meta"):       # no memory is allocated until the tensors are assigned
             model = cls(cfg)
-        hf.load_state(model, tensors, dtype, torch.device(device))
+        hf.load_state(model, tensors, dtype, torch.device(device), files)
         return model.eval()
 
     def save_pretrained(self, out_dir: str | Path, max_shard_size: int = 5 * 10 ** 9) -> None:

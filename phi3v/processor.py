@@ -24,6 +24,7 @@ from PIL import Image
 from tokenizers import Tokenizer, processors
 
 from .config import CROP, crop_grid_tokens
+from .hf import hub_snapshot
 from .jsonfile import Fields, read_json, show, write_atomic, write_text_atomic
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -265,8 +266,7 @@ class Processor:
             name = str(path_or_hub_id)
             if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
                 raise ValueError(f"{name!r} is neither a directory nor a hub id (owner/name)")
-            from huggingface_hub import snapshot_download
-            path = Path(snapshot_download(str(path_or_hub_id), allow_patterns=list(_FILES)))
+            path = hub_snapshot(name, list(_FILES))
         if not (path / "tokenizer.json").is_file():
             raise ValueError(f"no tokenizer.json in {path}")
         tok_path = path / "tokenizer.json"

@@ -474,3 +474,146 @@ def test_check_reports_problems(tmp_path):
     r = subprocess.run([sys.executable, "-m", "convert.check", str(good), "--images_dir", str(tmp_path / "images")],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 0 and "0 problems" in r.stdout
+
+
+# ---------------------------------------------------------------- null text, stable reasons, stale outputs
+
+def _docvqa_nulls(src: Path) -> None:
+    write_png(src / "val" / "documents" / "d.png")
+    qa = lambda i, q, a: {"questionId": i, "question": q, "image": "documents/d.png", "answers": a}  # noqa: E731
+    (src / "val" / "val_v1.0.json").write_text(json.dumps({"data": [
+        qa(1, "Title?", ["Report"]), qa(2, None, ["x"]), qa(3, "Date?", [None]), qa(4, "Page?", ["2", 2]),
+        qa(None, "Who?", ["Bob"])]}))
+    write_parquet(src / "train-00000-of-00001.parquet", [docvqa_row("q1", (1, 0, 0), None, ["a"])])
+
+
+def _hateful_nulls(src: Path) -> None:
+    write_png(src / "img" / "1.png")
+    lines = [{"id": 1, "img": "img/1.png", "label": 1, "text": "hi"}, {"id": 2, "img": "img/1.png", "label": 0,
+             "text": None}, {"id": 3, "img": "img/1.png", "label": 0, "text": 7}]
+    (src / "train.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    write_parquet(src / "c" / "train-00000-of-00001.parquet", [   # Cauldron: texts[j].user / .assistant
+        cauldron_row([png()], [("Hateful?", "no")]), cauldron_row([png()], [(None, "no")]),
+        cauldron_row([png()], [("Hateful?", "yes"), ("Sure?", None)])])
+
+
+def _nlvr2_nulls(src: Path) -> None:
+    for k in (0, 1):
+        write_png(src / "dev" / f"dev-1-0-img{k}.png")
+    lines = [{"identifier": "dev-1-0-0", "sentence": "Two dogs.", "label": "True"},
+             {"identifier": "dev-1-0-1", "sentence": None, "label": "False"}]
+    (src / "dev.json").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+
+def _chat_nulls(src: Path) -> None:
+    def msgs(*parts):
+        return [{"role": "user", "content": list(parts)}, {"role": "assistant", "content": "ok"}]
+    items = [{"id": "good", "messages": msgs({"type": "text", "text": "hi"})},
+             {"id": "null", "messages": msgs({"type": "text", "text": "a"}, {"type": "text", "text": None})},
+             {"id": "number", "messages": msgs({"type": "text", "text": 5})},
+             {"id": "content", "messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]}]
+    src.mkdir()
+    (src / "chat.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+
+
+NULL_CASES = {   # converter, input writer, src (relative to the folder written), fields named in skip reasons
+    "docvqa": (docvqa, _docvqa_nulls, ".", ["'query.en'", "'question'", "'answers[0]'", "'answers[1]'",
+                                            "'questionId'"]),
+    "hateful_memes": (hateful_memes, _hateful_nulls, ".", ["'text'", "'text'", "'texts[0].user'",
+                                                           "'texts[1].assistant'"]),
+    "nlvr2": (nlvr2, _nlvr2_nulls, ".", ["'sentence'"]),
+    "sharegpt": (sharegpt, _chat_nulls, "chat.jsonl", ["'messages[0].content[1].text'",
+                                                       "'messages[0].content[0].text'", "'messages[0].content'"]),
+}
+
+
+@pytest.mark.parametrize("name", NULL_CASES)
+def test_null_or_number_text_is_skipped_naming_the_field(name, tmp_path):
+    """A JSON null (or a number) in a text field never becomes training text ("None"): the item is
+    skipped with the field named, or --strict stops on it."""
+    module, write, src, fields = NULL_CASES[name]
+    write(tmp_path / "raw")
+    kw = {"val_rows": 0} if name == "hateful_memes" else {}
+    stats = module.convert(tmp_path / "raw" / src, tmp_path / "out", **kw)
+    reasons = [s["reason"] for s in read(tmp_path / "out" / "skipped.jsonl")]
+    assert len(reasons) == len(fields) and all(f in r for f, r in zip(fields, reasons)), reasons
+    assert sum(stats["records"].values()) >= 1
+    for f in (tmp_path / "out").glob("*.jsonl"):
+        if f.name != "skipped.jsonl":
+            assert "None" not in f.read_text() and '"7"' not in f.read_text(), f.name
+    with pytest.raises(ConvertError, match="field '"):
+        module.convert(tmp_path / "raw" / src, tmp_path / "strict", strict=True, **kw)
+
+
+def test_skip_reasons_are_the_same_on_every_run(tmp_path):
+    """Corrupt images (not an image at all, a cut JPEG, embedded garbage bytes): the reasons hold no
+    object repr with a memory address, so two runs (two processes) write the same skipped.jsonl."""
+    imgs = tmp_path / "imgs"
+    write_png(imgs / "ok.png")
+    (imgs / "junk.png").write_bytes(b"not an image at all")
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 80, 200)).save(buf, format="JPEG")
+    jpg = buf.getvalue()
+    (imgs / "cut.jpg").write_bytes(jpg[:jpg.index(b"\xff\xda") + 30])
+    turn = lambda img: [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]  # noqa: E731
+    items = [{"id": n, "image": n, "conversations": turn(n)} for n in ("ok.png", "junk.png", "cut.jpg")]
+    (tmp_path / "mix.json").write_text(json.dumps(items))
+    llava.convert(tmp_path / "mix.json", tmp_path / "a", image_folder=imgs)
+    r = subprocess.run([sys.executable, "-m", "convert.llava", "--src", str(tmp_path / "mix.json"), "--out_dir",
+                        str(tmp_path / "b"), "--image_folder", str(imgs), "--no_progress"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = (tmp_path / d / "skipped.jsonl" for d in "ab")
+    assert len(read(a)) == 2 and a.read_bytes() == b.read_bytes()
+    assert "0x" not in a.read_text() and "object" not in a.read_text(), a.read_text()
+    # embedded bytes (Cauldron) that PIL identifies but cannot decode
+    write_parquet(tmp_path / "c" / "train-0.parquet", [cauldron_row([jpg[:jpg.index(b"\xff\xda") + 30]], [("q", "a")])])
+    for d in ("c1", "c2"):
+        hateful_memes.convert(tmp_path / "c", tmp_path / d, val_rows=0)
+    assert (tmp_path / "c1" / "skipped.jsonl").read_bytes() == (tmp_path / "c2" / "skipped.jsonl").read_bytes()
+    assert "0x" not in (tmp_path / "c1" / "skipped.jsonl").read_text()
+
+
+STALE_CASES = {   # converter, input writer, kwargs, the splits its input gives, every split it can write
+    "docvqa": (docvqa, _docvqa_nulls, {}, {"val"}, {"train", "val", "test"}),
+    "hateful_memes": (hateful_memes, _hateful_nulls, {"val_rows": 1}, {"train", "val"},
+                      {"train", "val", "test", "val_unseen", "test_unseen"}),
+    "nlvr2": (nlvr2, _nlvr2_nulls, {}, {"val"}, {"train", "val", "test", "test2"}),
+    "ucf101": (ucf101, None, {"num_frames": 2, "classes": ["Archery"]}, {"train", "val", "test"},
+               {"train", "val", "test"}),
+}
+
+
+@pytest.mark.parametrize("name", STALE_CASES)
+def test_stale_split_files_of_an_earlier_conversion_are_removed(name, tmp_path, ucf_src):
+    """Converting into a folder that holds split files of an earlier conversion: this converter's own
+    files that the new input does not produce are removed and listed; other files stay."""
+    module, write, kw, produced, possible = STALE_CASES[name]
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = [f"{name}_{s}.jsonl" for s in ("train", "val", "test", "test2", "val_unseen", "test_unseen")]
+    others = ["notes.jsonl", f"{name}_train_small.jsonl", "nlvr2_x.jsonl", "skipped.jsonl"]
+    for f in earlier + others:
+        (out / f).write_text('{"stale": true}\n')
+    if write is not None:
+        write(tmp_path / "raw")
+    stats = module.convert(ucf_src if write is None else tmp_path / "raw", out, **kw)
+    assert set(stats["records"]) == {f"{name}_{s}.jsonl" for s in produced}
+    assert stats["removed"] == sorted(f"{name}_{s}.jsonl" for s in possible - produced)
+    assert sorted(p.name for p in out.glob("*.jsonl")) == sorted(set(earlier + others) - set(stats["removed"]))
+    assert all(read(out / f) != [{"stale": True}] for f in list(stats["records"]) + ["skipped.jsonl"])
+
+
+def test_stale_outputs_are_named_on_the_command_line(tmp_path):
+    """The removal is said on stderr; a skipped.jsonl of an earlier run is emptied when nothing is skipped."""
+    src = tmp_path / "raw"
+    _nlvr2_nulls(src)
+    (src / "dev.json").write_text((src / "dev.json").read_text().splitlines()[0] + "\n")   # the good line only
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "nlvr2_test.jsonl").write_text("{}\n")
+    (tmp_path / "out" / "skipped.jsonl").write_text('{"reason": "from an earlier run"}\n')
+    r = subprocess.run([sys.executable, "-m", "convert.nlvr2", "--src", str(src), "--out_dir", str(tmp_path / "out"),
+                        "--no_progress"], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout)["removed"] == ["nlvr2_test.jsonl"], r.stderr
+    assert f"removed nlvr2_test.jsonl from {tmp_path / 'out'}" in r.stderr
+    assert (tmp_path / "out" / "skipped.jsonl").read_text() == "" and (tmp_path / "out" / "nlvr2_val.jsonl").exists()

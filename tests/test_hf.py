@@ -1,6 +1,7 @@
 """The key map, strict loading, and saving in the official layout."""
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -122,3 +123,55 @@ def test_missing_files(tmp_path, tiny_ckpt):
     (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "x.safetensors"}}))
     with pytest.raises(FileNotFoundError, match="x.safetensors"):
         Phi3V.from_pretrained(dst)
+
+
+@pytest.mark.parametrize("change, key, expect", [
+    (lambda sd: sd.__setitem__("foo.bar", torch.zeros(2)), "foo.bar", "no rule in the key map"),
+    (lambda sd: sd.__setitem__("transformer.h.0.attn.weight", torch.zeros(2)), "transformer.h.0.attn.weight",
+     "no rule in the key map"),
+    (lambda sd: sd.__setitem__("model.norm.weight", sd["model.norm.weight"].to(torch.int32)), "model.norm.weight",
+     "dtype int32, expected a floating-point weight"),
+    (lambda sd: sd.__setitem__("lm_head.weight", sd["lm_head.weight"] > 0), "lm_head.weight", "dtype bool"),
+])
+def test_bad_tensor_names_file_key_and_expectation(tiny_ckpt, tmp_path, change, key, expect):
+    """A key the key map does not know, or an integer/bool tensor where a float weight belongs: a
+    ValueError naming the safetensors file, the key and what was expected (not a KeyError or a cast)."""
+    dst = copy_ckpt(tiny_ckpt, tmp_path / "c")
+    rewrite(dst, change)
+    with pytest.raises(ValueError) as e:
+        Phi3V.from_pretrained(dst)
+    assert e.type is ValueError and str(dst / "model.safetensors") in str(e.value), str(e.value)
+    assert repr(key) in str(e.value) and expect in str(e.value), str(e.value)
+
+
+def test_bad_tensor_in_a_shard_names_the_shard(tiny_ckpt, tmp_path):
+    Phi3V.from_pretrained(tiny_ckpt).save_pretrained(tmp_path, max_shard_size=4_000_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shard = tmp_path / index["weight_map"]["model.norm.weight"]
+    sd = load_file(str(shard))
+    sd["model.norm.weight"] = sd["model.norm.weight"].to(torch.int64)
+    save_file(sd, str(shard))
+    with pytest.raises(ValueError, match=f"^{re.escape(str(shard))}: tensor 'model.norm.weight' has dtype int64"):
+        Phi3V.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, "bfloat16", None])
+def test_load_dtype_must_be_a_float_dtype(tiny_ckpt, dtype):
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        Phi3V.from_pretrained(tiny_ckpt, dtype=dtype)
+
+
+def test_hub_id_not_cached_while_offline(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE and an id that is not in the cache: the model and the processor both say which
+    id, and to download it first or point --model at a directory (not huggingface_hub's own text)."""
+    from huggingface_hub import constants
+
+    from phi3v import Processor
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    for load in (Phi3V.from_pretrained, Processor.from_pretrained):
+        with pytest.raises(FileNotFoundError) as e:
+            load("someone/not-cached-model")
+        msg = str(e.value)
+        assert "'someone/not-cached-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in msg
+        assert "download it first (`hf download someone/not-cached-model`" in msg and "--model" in msg, msg

@@ -1,9 +1,10 @@
 """Malformed input through every entry point: each case must fail with the expected error type and a
 message naming what is wrong (file, field, flag or value), and the command-line entry points must
 say it in one line `<program>: error: ...` with a non-zero exit (the traceback only with
-PHI3V_DEBUG=1). Areas: train.py arguments, config.json, adapter_config.json, the safetensors index,
-the tokenizer and preprocessor files, jsonl data, the model API, `python -m phi3v.generate`, the
-converters and `convert.check`, damaged checkpoints."""
+PHI3V_DEBUG=1). Areas: train.py arguments, config.json, adapter_config.json and adapter tensors, the
+safetensors index, the tokenizer and preprocessor files, jsonl data, the model API,
+`python -m phi3v.generate` (hub ids offline included), `python -m phi3v.memory`, the converters and
+`convert.check`, damaged checkpoints."""
 from __future__ import annotations
 
 import io
@@ -286,6 +287,53 @@ def test_bad_adapter_config(name, adapter_dir, tmp_path):
     assert str(d / "adapter_config.json") in str(e.value) and expect in str(e.value), str(e.value)
 
 
+QKV0 = "base_model.model.model.layers.0.self_attn.qkv_proj"
+ADAPTER_TENSOR_CASES = {   # edit of the adapter's tensors -> what the message names after the file
+    "int lora_A": (lambda t: t.update({f"{QKV0}.lora_A.weight": t[f"{QKV0}.lora_A.weight"].to(torch.int32)}),
+                   f"tensor '{QKV0}.lora_A.weight' has dtype int32, expected a floating-point LoRA weight"),
+    "bool lora_B": (lambda t: t.update({f"{QKV0}.lora_B.weight": t[f"{QKV0}.lora_B.weight"] > 0}),
+                    f"tensor '{QKV0}.lora_B.weight' has dtype bool"),
+    "0-d lora_A": (lambda t: t.update({f"{QKV0}.lora_A.weight": torch.tensor(1.0)}),
+                   f"tensor '{QKV0}.lora_A.weight' has shape [], expected a 2-D LoRA weight matrix"),
+    "3-d lora_B": (lambda t: t.update({f"{QKV0}.lora_B.weight": t[f"{QKV0}.lora_B.weight"][None]}),
+                   "expected a 2-D LoRA weight matrix"),
+    "unknown module": (lambda t: t.update({"base_model.model.transformer.h.0.lora_A.weight": torch.zeros(2, 2)}),
+                       "module 'transformer.h.0' is not part of this model"),
+    "A twice": (lambda t: t.update({f"{QKV0}.lora_A.default.weight": t[f"{QKV0}.lora_A.weight"].clone()}),
+                "are both lora_A of module 'model.layers.0.self_attn.qkv_proj'"),
+}
+
+
+@pytest.mark.parametrize("name", ADAPTER_TENSOR_CASES)
+def test_bad_adapter_tensors(name, adapter_dir, tmp_path):
+    """Adapter tensors of a wrong dtype or rank, for an unknown module, or given twice: a ValueError
+    naming the weights file and the key (never a silent cast, an IndexError or a silent overwrite)."""
+    from safetensors.torch import load_file, save_file
+    edit, expect = ADAPTER_TENSOR_CASES[name]
+    d = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, d)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    model = Phi3V.from_config(Phi3VConfig.tiny())
+    with pytest.raises(ValueError) as e:
+        load_adapter(model, d)
+    assert str(e.value).startswith(f"{d / 'adapter_model.safetensors'}: ") and expect in str(e.value), str(e.value)
+    assert not any("lora_" in k for k in model.state_dict())
+
+
+def test_adapter_bin_that_is_not_a_state_dict(adapter_dir, tmp_path):
+    d = tmp_path / "adapter"
+    shutil.copytree(adapter_dir, d)
+    (d / "adapter_model.safetensors").unlink()
+    torch.save({"base_model.model.x.lora_A.weight": [1, 2]}, d / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin: entry 'base_model.model.x.lora_A.weight' is a list"):
+        load_adapter(Phi3V.from_config(Phi3VConfig.tiny()), d)
+    torch.save([torch.zeros(2)], d / "adapter_model.bin")
+    with pytest.raises(ValueError, match=r"adapter_model\.bin: expected a state dict .* got list"):
+        load_adapter(Phi3V.from_config(Phi3VConfig.tiny()), d)
+
+
 def test_missing_adapter_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_adapter(Phi3V.from_config(Phi3VConfig.tiny()), tmp_path / "nowhere")
@@ -426,6 +474,12 @@ def _generate_arg_cases(demo_dir, tmp):
         "image missing": (base + ["--image", str(tmp / "no.png")], "no.png"),
         "adapter missing": (base + ["--adapter", str(tmp / "noad")], "noad"),
         "no prompt": (["--model", "x"], "--prompt"),
+        "temperature without sampling": (base + ["--temperature", "0.7"], "--temperature: only used when sampling; "
+                                         "add --do_sample"),
+        "top_p without sampling": (base + ["--top_p", "0.9"], "--top_p: only used when sampling"),
+        "both without sampling": (base + ["--top_p", "0.9", "--temperature", "2"],
+                                  "--temperature and --top_p: only used when sampling"),
+        "num_crops without image": (base + ["--num_crops", "4"], "--num_crops only applies to images"),
     }
 
 
@@ -454,6 +508,46 @@ def test_generate_cli_one_line_from_the_shell(bad_run_inputs, demo_dir):
         _, err = p.communicate(timeout=120)
         assert p.returncode == runs[name][1], f"{name}: {err}"
         assert runs[name][2] in one_line(err, "phi3v.generate")
+
+
+def test_generate_hub_id_offline_one_line(tmp_path):
+    """An id that is not in the (empty) cache with HF_HUB_OFFLINE=1: one line naming the id and how
+    to get it."""
+    env = {**ENV, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_CACHE", None)
+    r = subprocess.run([sys.executable, "-m", "phi3v.generate", "--model", "someone/not-cached", "--prompt", "x",
+                        "--device", "cpu"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    line = one_line(r.stderr, "phi3v.generate")
+    assert r.returncode == 1 and "'someone/not-cached' is not in the local Hugging Face cache" in line, line
+    assert "hf download someone/not-cached" in line and "--model" in line, line
+
+
+# ================================================================ python -m phi3v.memory
+
+MEMORY_CASES = {   # argv -> what the one line names
+    "lora_rank with full": (["--mode", "full", "--lora_rank", "8"], "--lora_rank applies to --mode lora/qlora"),
+    "batch_size with offload on": (["--batch_size", "8", "--offload_optimizer", "on"],
+                                   "--batch_size only decides --offload_optimizer auto"),
+    "batch_size with full": (["--mode", "full", "--batch_size", "8"], "--mode full never uses"),
+    "num_crops 0": (["--num_crops", "0"], "argument --num_crops: must be an integer >= 1"),
+    "tokens negative": (["--tokens", "-5"], "argument --tokens"),
+    "micro_batch_size 0": (["--micro_batch_size", "0"], "argument --micro_batch_size"),
+    "world_size 0": (["--world_size", "0"], "argument --world_size"),
+    "lora_rank 0": (["--lora_rank", "0"], "argument --lora_rank"),
+    "gpu_memory 0": (["--gpu_memory", "0"], "argument --gpu_memory: must be a number > 0"),
+    "gpu_memory nan": (["--gpu_memory", "nan"], "argument --gpu_memory"),
+    "two precisions": (["--bf16", "--fp32"], "not allowed with argument"),
+}
+
+
+def test_memory_arguments_one_line_each(capsys):
+    from phi3v import memory
+    for name, (argv, expect) in MEMORY_CASES.items():
+        with pytest.raises(SystemExit) as e:
+            memory.main(argv)
+        assert e.value.code == 2, name
+        line = one_line(capsys.readouterr().err, "phi3v.memory")
+        assert expect in line, f"{name}: {line}"
 
 
 # ================================================================ converters and convert.check
@@ -568,7 +662,7 @@ def test_cauldron_rows_of_wrong_types_are_skipped(tmp_path):
         {"images": [{"bytes": buf.getvalue(), "path": None}] * 2, "texts": ["true or false?"]}]), f)
     stats = nlvr2.convert(f.parent, tmp_path / "out", val_rows=0)
     (s,) = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
-    assert stats["skipped"] == 1 and s["line"] == "row 0" and "conversations[0].user" in s["reason"], s
+    assert stats["skipped"] == 1 and s["line"] == "row 0" and "texts[0]" in s["reason"], s
 
 
 def test_converter_cli_arguments(tmp_path):
@@ -583,6 +677,12 @@ def test_converter_cli_arguments(tmp_path):
                                                 "--val_rows", "-1"], "--val_rows"),
         "out_dir a file": ("convert.docvqa", ["--src", str(tmp_path), "--out_dir", str(afile)], str(afile)),
         "check max_problems": ("convert.check", [str(afile), "--max_problems", "-1"], "--max_problems"),
+        "classes empty": ("convert.ucf101", ["--src", str(tmp_path), "--out_dir", str(tmp_path / "o"),
+                                             "--classes", ","], "argument --classes: expected comma-separated"),
+        "classes twice": ("convert.ucf101", ["--src", str(tmp_path), "--out_dir", str(tmp_path / "o"),
+                                             "--classes", "A,B,A"], "each once"),
+        "source empty": ("convert.llava", ["--src", str(afile), "--out_dir", str(tmp_path / "o"), "--source", " "],
+                         "argument --source: expected a non-empty name"),
     }
     procs = {n: subprocess.Popen([sys.executable, "-m", mod, *argv], cwd=REPO, env=ENV, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n, (mod, argv, _) in runs.items()}
@@ -590,6 +690,21 @@ def test_converter_cli_arguments(tmp_path):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 2, f"{name}: {err}"
         assert runs[name][2] in one_line(err, runs[name][0]), name
+
+
+def test_converter_arguments_that_would_skip_every_record(tmp_path):
+    """Library calls whose arguments would make every record a skip are refused up front."""
+    from convert import llava, sharegpt, ucf101
+    from convert.common import ConvertError
+    src = tmp_path / "a.json"
+    src.write_text("[]")
+    with pytest.raises(ConvertError, match="image_folder .*nowhere: no such folder"):
+        llava.convert(src, tmp_path / "o", image_folder=tmp_path / "nowhere")
+    with pytest.raises(ConvertError, match="source must be a non-empty name"):
+        sharegpt.convert(src, tmp_path / "o", source="")
+    (tmp_path / "u" / "train" / "A").mkdir(parents=True)
+    with pytest.raises(ConvertError, match=r"classes name \['A'\] more than once"):
+        ucf101.convert(tmp_path / "u", tmp_path / "o", classes=["A", "A"])
 
 
 def test_check_non_utf8_jsonl(demo_dir, tmp_path):
