@@ -17,8 +17,10 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -119,6 +121,19 @@ class TrainConfig:
     eval_batch_size: int = field(default=1, metadata={"help": "prompts per generate call"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N records"})
     max_new_tokens: int = field(default=64, metadata={"help": "generation length at evaluation"})
+    eval_steps: int = field(default=0, metadata={
+        "help": "also evaluate every N optimizer steps and at the end: the validation loss on the eval split "
+                "(its first --max_eval_samples) and the task metric by generation (0: only before and after)"})
+    max_generate_samples: int | None = field(default=None, metadata={
+        "help": "records answered by generation at each evaluation (default: --max_eval_samples)"})
+    save_best: str | None = field(default=None, metadata={
+        "help": "keep the model of the best evaluation by this metric in output_dir/best/ (with best.json); "
+                "needs --eval_steps", "choices": ["accuracy", "anls", "val_loss"]})
+    early_stopping: int | None = field(default=None, metadata={
+        "help": "stop after N evaluations in a row without a better --save_best metric, then export"})
+    report_to: str | None = field(default=None, metadata={
+        "help": "experiment trackers, a comma list of tensorboard, wandb, none (default: tensorboard when "
+                "installed); rank 0 logs"})
     merge: bool = field(default=False, metadata={"help": "also write a merged HF-layout model"})
     seed: int = field(default=42, metadata={"help": "seed for init, sampling and dropout"})
     logging_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
@@ -246,6 +261,7 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
         if c["lora_alpha"] <= 0:
             error(f"--lora_alpha_ratio {c['lora_alpha_ratio']:g} x --lora_rank {c['lora_rank']} rounds to "
                   f"alpha {c['lora_alpha']}; alpha must be > 0")
+    check_evaluation(c, error)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if c["batch_size"] % (c["micro_batch_size"] * world):
         error(f"--batch_size {c['batch_size']} is not divisible by --micro_batch_size {c['micro_batch_size']} "
@@ -253,10 +269,48 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
     return TrainConfig(**c)
 
 
+def check_evaluation(c: dict, error) -> None:
+    """The watching flags (--eval_steps, --save_best, --early_stopping, --max_generate_samples,
+    --report_to): each needs what it works on, and --report_to its packages."""
+    c["report_to"] = report_targets(c["report_to"], error)
+    given = [f"--{k}" for k in ("eval_steps", "max_generate_samples", "save_best", "early_stopping") if c[k]]
+    if given and not c["eval_file"]:
+        error(f"{given[0]} needs an eval split (--eval_file, or a preset's val file)")
+    if given and c["eval_only"]:
+        error(f"{given[0]} watches a training run; --eval_only trains nothing (leave it out)")
+    if c["save_best"] and not c["eval_steps"]:
+        error("--save_best needs --eval_steps N (the evaluations it picks the best of)")
+    if c["early_stopping"] and not c["save_best"]:
+        error("--early_stopping needs --save_best METRIC (the metric whose improvement it waits for)")
+    if c["save_best"] == "anls" and not TASKS[c["task"]].anls:
+        error(f"--save_best anls: ANLS is computed for --task docvqa only, not {c['task']}; use accuracy or val_loss")
+
+
+TRACKERS = ("tensorboard", "wandb")
+
+
+def report_targets(value: str | None, error) -> str:
+    """--report_to as a normalised comma list ("none" for no tracker); default: tensorboard when installed.
+    A tracker whose package is missing is an error that says how to install it."""
+    if value is None:
+        return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    names = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))
+    bad = [n for n in names if n not in TRACKERS + ("none",)]
+    if bad or not names:
+        error(f"--report_to takes a comma list of {', '.join(TRACKERS)}, none; got {value!r}")
+    if "none" in names and len(names) > 1:
+        error(f"--report_to {value}: 'none' cannot be combined with a tracker")
+    for n in names:
+        if n != "none" and importlib.util.find_spec(n) is None:
+            error(f"--report_to {n}: the {n} package is not installed (pip install {n})")
+    return ",".join(names)
+
+
 # the numeric flags' ranges: at least this (int flags) / a finite number >= 0 or > 0 (float flags)
 MIN_INT = {"batch_size": 1, "micro_batch_size": 1, "max_length": 1, "max_steps": 1, "warmup_steps": 0,
            "num_crops": 1, "lora_rank": 1, "save_steps": 0, "keep_checkpoints": 1, "eval_batch_size": 1,
-           "max_eval_samples": 1, "max_new_tokens": 1, "seed": 0, "logging_steps": 1, "num_workers": 0}
+           "max_eval_samples": 1, "max_new_tokens": 1, "seed": 0, "logging_steps": 1, "num_workers": 0,
+           "eval_steps": 0, "max_generate_samples": 1, "early_stopping": 1}
 POSITIVE = ("learning_rate", "num_train_epochs", "lora_alpha", "lora_alpha_ratio")
 NON_NEGATIVE = ("weight_decay", "max_grad_norm")
 
@@ -387,9 +441,11 @@ def make_loader(cfg: TrainConfig, ds: JsonlDataset, sampler: StepSampler, start_
         generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def resume(cfg: TrainConfig, opt: ZeroAdamW, scaler: DynamicLossScaler, total_steps: int, log) -> tuple[int, list]:
+def resume(cfg: TrainConfig, opt: ZeroAdamW, scaler: DynamicLossScaler, total_steps: int, log
+           ) -> tuple[int, list, bool]:
     """Restore the optimizer (and through its fp32 masters the weights), the loss scale and this
-    rank's RNG from a checkpoint; returns (start step, logged history). (0, []) without one.
+    rank's RNG from a checkpoint; returns (start step, logged history, whether the run stopped early
+    there). (0, [], False) without one.
 
     `--resume` takes the newest checkpoint whose files all have their recorded checksums: a damaged
     one is skipped (saying so) for the one before. A damaged `--resume DIR` is an error."""
@@ -406,7 +462,7 @@ def resume(cfg: TrainConfig, opt: ZeroAdamW, scaler: DynamicLossScaler, total_st
     else:
         what = "intact" if candidates else "complete"
         log(f"--resume: no {what} checkpoint under {out / 'checkpoints'}, starting from scratch")
-        return 0, []
+        return 0, [], False
     _, optim_states, meta = load_checkpoint(ck, weights=False, verify=False)
     saved = meta.get("config") or {}
     for k in ("mode", "freeze_vision", "lora_rank"):     # what decides the set and shapes of trained tensors
@@ -418,8 +474,9 @@ def resume(cfg: TrainConfig, opt: ZeroAdamW, scaler: DynamicLossScaler, total_st
         scaler.load_state_dict(meta["scaler"])
     if meta.get("world_size") == dist.world_size() and len(meta["rank_states"]) == dist.world_size():
         set_rng_state(meta["rank_states"][dist.rank()])   # dropout continues bit-exactly
-    log(f"resumed from {ck} at step {meta['step']}/{total_steps}")
-    return meta["step"], meta.get("history", [])
+    log(f"resumed from {ck} at step {meta['step']}/{total_steps}"
+        + (" (where it stopped early)" if meta.get("early_stopped") else ""))
+    return meta["step"], meta.get("history", []), bool(meta.get("early_stopped"))
 
 
 def missing_outputs(cfg: TrainConfig, with_eval: bool, history: list, step: int) -> list[str]:
@@ -472,22 +529,69 @@ def complete_run(cfg: TrainConfig, model: Phi3V, proc: Processor, run_eval, hist
                 before = json.loads((out / "eval.json").read_text()).get("before")
             except (OSError, ValueError, AttributeError):
                 pass                   # never evaluated (or the file is gone): not made up now
-            truncate_metrics(out / "metrics.jsonl", step)          # drops a line cut by the kill
-        eval_after(out, run_eval, before, step, log)
+            truncate_metrics(out / "metrics.jsonl", step, drop=("after",))   # a line cut by the kill too
+
+        def record(step, when, res):
+            log(f"eval {when}: {summary(res)}")
+            if dist.is_main():
+                log_eval(out, step, when, res)
+        eval_after(out, run_eval, before, step, record)
     if dist.is_main() and set(missing) - {"eval after"}:
         export(cfg, model, proc, history, log)
     log(f"done: {out}")
 
 
+class Trackers:
+    """The experiment trackers of --report_to, on rank 0: TensorBoard (output_dir/tensorboard/) and
+    Weights & Biases (project $WANDB_PROJECT or "phi3v", the run named after output_dir, this run's
+    config recorded; a resumed run continues the W&B run of its output_dir; WANDB_MODE=offline works
+    without a network). `log` takes {name: value} at an optimizer step; None and non-finite values
+    are left out."""
+
+    def __init__(self, cfg: TrainConfig, resumed: bool):
+        names, out = cfg.report_to.split(","), Path(cfg.output_dir)
+        self.tb = self.wandb = None
+        if "tensorboard" in names:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if "wandb" in names:
+            import wandb
+            id_file = out / "wandb" / "run_id"
+            run_id = id_file.read_text().strip() if resumed and id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(id_file, run_id)
+            self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT") or "phi3v", name=out.name, id=run_id,
+                                    dir=str(out), resume="allow", config=dataclasses.asdict(cfg))
+
+    def log(self, scalars: dict, step: int) -> None:
+        scalars = {k: float(v) for k, v in scalars.items() if v is not None and math.isfinite(v)}
+        if self.tb:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb:
+            self.wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
+
+
+EVAL_SCALARS = ("val_loss", "accuracy", "anls")
+
+
 class RunLog:
-    """The loop's bookkeeping: sums over logging windows, metrics.jsonl (+ TensorBoard when installed),
-    the progress bar or console lines. Only rank 0 writes; every rank keeps the same history."""
+    """The loop's bookkeeping: sums over logging windows, metrics.jsonl, the trackers, the progress
+    bar or console lines. Only rank 0 writes; every rank keeps the same history (step records and
+    evaluations)."""
 
     def __init__(self, cfg: TrainConfig, start_step: int, total_steps: int, steps_per_epoch: int, history: list):
         self.out, self.every, self.total = Path(cfg.output_dir), cfg.logging_steps, total_steps
         self.steps_per_epoch, self.history = steps_per_epoch, history
         self.main, self.show_bar, self.start = dist.is_main(), cfg.tqdm, start_step
-        self.metrics = self.tb = self.bar = None
+        self.metrics = self.trackers = self.bar = None
+        self.postfix = {}
         if self.main:
             path = self.out / "metrics.jsonl"
             if start_step == 0:
@@ -495,9 +599,7 @@ class RunLog:
             else:
                 truncate_metrics(path, start_step)        # a resumed run logs the later steps again
             self.metrics = open(path, "a")
-            if importlib.util.find_spec("tensorboard"):
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out / "tensorboard"))
+            self.trackers = Trackers(cfg, resumed=start_step > 0)
         self._reset()
 
     def note(self, msg: str) -> None:
@@ -507,6 +609,10 @@ class RunLog:
 
     def _reset(self):
         self.loss, self.tokens, self.seen, self.t0 = 0.0, 0, 0, time.time()
+
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something else (an evaluation) that tokens_per_s must not count."""
+        self.t0 += seconds
 
     def step(self, done: int, loss_sum: float, n_tok: int, n_seen: int, lr: float, gnorm: float,
              overflow: bool, skipped_total: int) -> None:
@@ -528,30 +634,45 @@ class RunLog:
             if self.main:
                 self.metrics.write(json.dumps(rec) + "\n")
                 self.metrics.flush()
-                if self.tb:
-                    for k in ("loss", "lr", "grad_norm", "tokens_per_s"):
-                        if rec[k] is not None:
-                            self.tb.add_scalar(f"train/{k}", rec[k], done)
+                self.trackers.log({f"train/{k}": rec.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s",
+                                                                     "peak_mem_gb")}, done)
                 if self.bar is None:
                     print(json.dumps(rec), flush=True)
+            self.postfix.update(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{rec['tokens_per_s']:.0f}")
             self._reset()
         if self.bar is not None:
             self.bar.update(1)
-            if self.history:
-                h = self.history[-1]
-                self.bar.set_postfix(loss=f"{h['loss']:.4f}", lr=f"{h['lr']:.2e}", tok_s=f"{h['tokens_per_s']:.0f}")
+            self.bar.set_postfix(self.postfix)
+
+    def eval(self, step: int, when: str, res: dict) -> None:
+        """One evaluation ("before", "step", "after"): metrics.jsonl, the trackers, the history, the bar."""
+        rec = eval_record(step, when, res)
+        self.history.append(rec)
+        self.postfix.update({k: f"{rec[k]:.4f}" for k in EVAL_SCALARS if rec.get(k) is not None})
+        if self.main:
+            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.flush()
+            self.trackers.log({f"eval/{k}": rec.get(k) for k in EVAL_SCALARS}, step)
+            self.note((f"eval at step {step}" if when == "step" else f"eval {when}") + f": {summary(res)}")
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.metrics:
             self.metrics.close()
+            self.trackers.close()
+
+
+def eval_record(step: int, when: str, res: dict) -> dict:
+    """The metrics.jsonl record of an evaluation: its scores (not the examples)."""
+    return {"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}}
 
 
 def log_eval(out: Path, step: int, when: str, res: dict) -> None:
-    """One metrics.jsonl record per evaluation ("before" / "after"). Rank 0 only."""
+    """One metrics.jsonl record for an evaluation outside the loop (a resumed run's missing "after").
+    Rank 0 only."""
     with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}}) + "\n")
+        f.write(json.dumps(eval_record(step, when, res)) + "\n")
 
 
 def write_eval(out: Path, before: dict | None, after: dict | None) -> None:
@@ -559,75 +680,187 @@ def write_eval(out: Path, before: dict | None, after: dict | None) -> None:
     write_text_atomic(out / "eval.json", json.dumps({"before": before, "after": after}, indent=2))
 
 
-def eval_after(out: Path, run_eval, before: dict | None, step: int, log) -> None:
-    """The evaluation after training (collective), into eval.json and metrics.jsonl."""
-    after = run_eval()
-    log(f"eval after: {summary(after)}")
+def eval_after(out: Path, run_eval, before: dict | None, step: int, record, res: dict | None = None) -> None:
+    """The evaluation after training (collective; `res`: the scores of an evaluation already made at
+    this step), into eval.json and `record(step, "after", scores)` (metrics.jsonl, trackers)."""
+    after = res if res is not None else run_eval()
+    record(step, "after", after)
     if dist.is_main():
         write_eval(out, before, after)
-        log_eval(out, step, "after", after)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to `step`; a line cut by a crash is dropped."""
+def truncate_metrics(path: Path, step: int, drop: tuple = ()) -> None:
+    """Keep the records up to `step`, but evaluations of the kinds in `drop`; a line cut by a crash is
+    dropped."""
     if not path.exists():
         return
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            rec = json.loads(line)
+            if rec.get("step", 0) <= step and rec.get("eval") not in drop:
                 kept.append(line)
         except (ValueError, AttributeError):
             continue
     write_text_atomic(path, "".join(line + "\n" for line in kept))     # a kill here loses nothing
 
 
-def plot_loss(metrics: list[dict], path: Path) -> None:
-    """loss.png: matplotlib when installed, else a plain Pillow line plot."""
-    pts = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
-    if not pts:
+# colours of the curves (matplotlib and the Pillow fallback alike)
+CURVES = {"train loss": "#1f77b4", "validation loss": "#ff7f0e", "accuracy": "#2ca02c", "ANLS": "#9467bd"}
+
+
+def plot_panels(history: list[dict]) -> list[tuple[str, dict]]:
+    """loss.png's panels as (y label, {curve: [(step, value)]}): the training loss per token with the
+    validation loss beside it, and with periodic evaluations the task metric over steps."""
+    def curve(key, evals_only=False):
+        return [(m["step"], m[key]) for m in history
+                if m.get(key) is not None and (not evals_only or "eval" in m)]
+    panels = [("loss (per token)", {"train loss": curve("loss"), "validation loss": curve("val_loss")})]
+    if any(m.get("eval") == "step" for m in history):
+        panels.append(("task metric", {"accuracy": curve("accuracy", True), "ANLS": curve("anls", True)}))
+    return [(label, {k: v for k, v in curves.items() if v}) for label, curves in panels]
+
+
+def plot_loss(history: list[dict], path: Path) -> None:
+    """loss.png (plot_panels): matplotlib when installed, else a plain Pillow line plot."""
+    panels = plot_panels(history)
+    if not panels[0][1].get("train loss"):
         return
-    xs, ys = zip(*pts)
     if importlib.util.find_spec("matplotlib"):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(xs, ys)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("train loss (per token)")
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, (label, curves) in zip(axes[0], panels):
+            for name, pts in curves.items():
+                ax.plot(*zip(*pts), label=name, color=CURVES[name], marker="o" if len(pts) < 20 else None)
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel(label)
+            ax.legend()
         fig.tight_layout()
         write_atomic(path, lambda p: fig.savefig(p, format="png"))
         plt.close(fig)
         return
     from PIL import Image, ImageDraw
     w, h, m = 640, 400, 40
-    im = Image.new("RGB", (w, h), "white")
+    im = Image.new("RGB", (w * len(panels), h), "white")
     d = ImageDraw.Draw(im)
-    x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
+    for k, (label, curves) in enumerate(panels):
+        draw_panel(d, k * w, w, h, m, label, curves)
+    write_atomic(path, lambda p: im.save(p, format="PNG"))
+
+
+def draw_panel(d, left: int, w: int, h: int, m: int, label: str, curves: dict) -> None:
+    """One panel of the Pillow fallback: every curve in its colour on shared axes, a legend line."""
+    pts = [p for c in curves.values() for p in c]
+    x0, x1 = min(x for x, _ in pts), max(x for x, _ in pts)
+    y0, y1 = min(y for _, y in pts), max(y for _, y in pts)
     sx = (w - 2 * m) / max(x1 - x0, 1)
     sy = (h - 2 * m) / max(y1 - y0, 1e-9)
-    d.line([(m + (x - x0) * sx, h - m - (y - y0) * sy) for x, y in pts] if len(pts) > 1 else
-           [(m, h / 2), (w - m, h / 2)], fill="blue", width=2)
-    d.rectangle([m, m, w - m, h - m], outline="black")
-    d.text((m, 8), f"train loss (per token): {ys[0]:.3f} -> {ys[-1]:.3f} over {x1} steps", fill="black")
-    d.text((4, m), f"{y1:.2f}", fill="black")
-    d.text((4, h - m - 10), f"{y0:.2f}", fill="black")
-    d.text((m, h - m + 6), str(x0), fill="black")
-    d.text((w - m - 20, h - m + 6), str(x1), fill="black")
-    d.text((w // 2 - 40, h - m + 6), "optimizer step", fill="black")
-    write_atomic(path, lambda p: im.save(p, format="PNG"))
+    d.rectangle([left + m, m, left + w - m, h - m], outline="black")
+    legend = []
+    for name, c in curves.items():
+        xy = [(left + m + (x - x0) * sx, h - m - (y - y0) * sy) for x, y in c]
+        d.line(xy if len(xy) > 1 else [(left + m, xy[0][1]), (left + w - m, xy[0][1])], fill=CURVES[name], width=2)
+        for x, y in xy:
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=CURVES[name])
+        legend.append(f"{name} {c[0][1]:.3f} -> {c[-1][1]:.3f}")
+    d.text((left + m, 8), f"{label}: " + "; ".join(legend), fill="black")
+    d.text((left + 4, m), f"{y1:.2f}", fill="black")
+    d.text((left + 4, h - m - 10), f"{y0:.2f}", fill="black")
+    d.text((left + m, h - m + 6), str(x0), fill="black")
+    d.text((left + w - m - 20, h - m + 6), str(x1), fill="black")
+    d.text((left + w // 2 - 40, h - m + 6), "optimizer step", fill="black")
+
+
+def write_model(cfg: TrainConfig, model: Phi3V, proc: Processor, out: Path) -> None:
+    """The trained model as users load it: the peft adapter (LoRA/QLoRA) or the HF-layout checkpoint
+    (--full), with the processor files."""
+    proc.save_pretrained(out)
+    if cfg.mode == "full":
+        model.save_pretrained(out)
+    else:
+        save_adapter(model, out, base_model_name_or_path=cfg.model)
+
+
+BEST, BEST_JSON = "best", "best.json"
+
+
+class Best:
+    """--save_best: the best evaluation so far (step, value) and how many came after it (--early_stopping).
+
+    Higher is better for accuracy and ANLS, lower for val_loss; only a strictly better, finite value
+    counts. A resumed run starts from best.json when it describes a step the checkpoint had reached,
+    else from the evaluations in the checkpoint's history, so it decides as the uninterrupted run did."""
+
+    def __init__(self, cfg: TrainConfig, history: list, start_step: int):
+        self.metric, self.patience = cfg.save_best, cfg.early_stopping
+        self.step = self.value = None
+        self.since = 0
+        for rec in history:                 # the evaluations up to the checkpoint, in order
+            if rec.get("eval") == "step" and rec["step"] <= start_step:
+                self.update(rec["step"], rec)
+        saved = read_best(Path(cfg.output_dir))
+        if saved and saved.get("metric") == self.metric and saved.get("step", start_step + 1) <= start_step:
+            self.step, self.value = saved["step"], saved["value"]
+
+    def update(self, step: int, res: dict) -> bool:
+        """Account an evaluation; True if it is the new best."""
+        v = res.get(self.metric)
+        if v is not None and math.isfinite(v) and (
+                self.value is None or (v < self.value if self.metric == "val_loss" else v > self.value)):
+            self.step, self.value, self.since = step, v, 0
+            return True
+        self.since += 1
+        return False
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.patience) and self.since >= self.patience
+
+
+def read_best(out: Path) -> dict | None:
+    """best/best.json (after finishing a swap a kill interrupted), or None."""
+    recover_best(out)
+    try:
+        return json.loads((out / BEST / BEST_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def recover_best(out: Path) -> None:
+    """A kill between save_best's two renames leaves the previous best as .old-best/: put it back."""
+    final, old = out / BEST, out / ".old-best"
+    if old.exists():
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            os.replace(old, final)
+
+
+def save_best(cfg: TrainConfig, model: Phi3V, proc: Processor, step: int, metric: str, value: float) -> Path:
+    """output_dir/best/: the model (write_model) and best.json {"step", "metric", "value"}, replacing the
+    previous best whole or not at all: written into .tmp-best/, then swapped in by two renames (a kill
+    between them leaves the previous best as .old-best/, which recover_best puts back). Rank 0 only."""
+    out = Path(cfg.output_dir)
+    final, tmp, old = out / BEST, out / ".tmp-best", out / ".old-best"
+    recover_best(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_model(cfg, model, proc, tmp)
+    write_text_atomic(tmp / BEST_JSON, json.dumps({"step": step, "metric": metric, "value": value}) + "\n")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def export(cfg: TrainConfig, model: Phi3V, proc: Processor, history: list, log) -> None:
     """The final model (peft adapter, or HF layout for --full), processor files, loss.png, and with
     --merge the adapter folded into the unquantised base under merged/. Rank 0 only."""
     out = Path(cfg.output_dir)
-    proc.save_pretrained(out)
-    if cfg.mode == "full":
-        model.save_pretrained(out)
-    else:
-        save_adapter(model, out, base_model_name_or_path=cfg.model)
+    write_model(cfg, model, proc, out)
     plot_loss(history, out / "loss.png")
     if cfg.merge:
         if cfg.mode == "full":
@@ -643,18 +876,56 @@ def export(cfg: TrainConfig, model: Phi3V, proc: Processor, history: list, log) 
 
 
 # ------------------------------------------------------------------------------------------------
-def make_evaluator(cfg: TrainConfig, model: Phi3V, proc: Processor):
-    """`run_eval()` -> scores of the eval split with this run's settings (None without an eval file)."""
+def make_evaluator(cfg: TrainConfig, model: Phi3V, proc: Processor, device: torch.device, log):
+    """`run_eval()` -> scores of the eval split with this run's settings (None without an eval file):
+    the task metric by generation on its first --max_generate_samples (default --max_eval_samples)
+    records and, with --eval_steps, the validation loss. Collective."""
     if not cfg.eval_file:
         return None
-    records = load_eval_records(cfg.eval_file, cfg.max_eval_samples)
-    return functools.partial(evaluate, model, proc, records, Path(cfg.eval_file).parent / "images",
-                             batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                             with_anls=TASKS[cfg.task].anls, progress=progress_bar(cfg, "eval"))
+    records = load_eval_records(cfg.eval_file, cfg.max_generate_samples or cfg.max_eval_samples)
+    generate = functools.partial(evaluate, model, proc, records, Path(cfg.eval_file).parent / "images",
+                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                 with_anls=TASKS[cfg.task].anls, progress=progress_bar(cfg, "eval"))
+    if not cfg.eval_steps:
+        return generate
+    val = JsonlDataset(cfg.eval_file, proc, max_length=cfg.max_length, on_too_long="drop",
+                       on_bad_record="skip" if cfg.skip_bad_records else "error",
+                       progress=progress_bar(cfg, "indexing " + Path(cfg.eval_file).name),
+                       cache_dir=index_cache_dir(cfg))
+    n = min(len(val), cfg.max_eval_samples or len(val))
+    log(f"validation loss: {n} samples of {cfg.eval_file}, generation: {len(records)} records, "
+        f"every {cfg.eval_steps} steps")
+    return lambda: {"val_loss": validation_loss(cfg, model, val, n, proc.pad_token_id, device), **generate()}
+
+
+@torch.no_grad()
+def validation_loss(cfg: TrainConfig, model: Phi3V, ds: JsonlDataset, n: int, pad_id: int,
+                    device: torch.device) -> float | None:
+    """Token-weighted mean cross-entropy of the supervised tokens of the first n samples of `ds`: the
+    training forward (`training_loss`) in eval mode (no dropout) without autograd, in micro-batches of
+    similar lengths dealt round-robin to the ranks, summed over ranks. It draws from no global random
+    stream (the loader has its own generator), so training continues exactly as without it."""
+    order = np.lexsort((np.arange(n), -ds.lengths[:n].astype(np.int64))).tolist()     # longest first
+    micro = [order[j:j + cfg.micro_batch_size] for j in range(0, n, cfg.micro_batch_size)]
+    loader = torch.utils.data.DataLoader(
+        ds, batch_sampler=micro[dist.rank()::dist.world_size()],
+        collate_fn=functools.partial(collate, pad_id=pad_id, pack=cfg.packing), num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)      # loss, supervised tokens
+    for batch in loader:
+        if batch["n_samples"]:
+            sums[0] += model.training_loss(to_device(batch, device)).double()
+            sums[1] += batch["n_targets"]
+    model.train(was_training)
+    loss, tokens = dist.all_reduce_sum(sums).tolist()
+    return loss / tokens if tokens else None
 
 
 def summary(res: dict) -> str:
-    return f"accuracy {res['accuracy']:.3f}" + (f", ANLS {res['anls']:.3f}" if "anls" in res else "")
+    return (f"val_loss {res['val_loss']:.4f}, " if res.get("val_loss") is not None else "") \
+        + f"accuracy {res['accuracy']:.3f}" + (f", ANLS {res['anls']:.3f}" if "anls" in res else "")
 
 
 def main(cfg: TrainConfig) -> None:
@@ -672,7 +943,7 @@ def main(cfg: TrainConfig) -> None:
     log(f"model {cfg.model}: mode {cfg.mode}{' (vision frozen)' if cfg.freeze_vision else ''}, {cfg.dtype}, "
         f"{sum(p.numel() for _, p in named):,} trainable parameters, world size {world}, device {device}")
     out.mkdir(parents=True, exist_ok=True)
-    run_eval = make_evaluator(cfg, model, proc)
+    run_eval = make_evaluator(cfg, model, proc, device, log)
     if cfg.eval_only:
         if run_eval is None:
             raise ValueError("--eval_only needs an eval split (--eval_file or the preset's val file)")
@@ -697,19 +968,20 @@ def main(cfg: TrainConfig) -> None:
     opt = ZeroAdamW(named, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, no_decay=no_decay,
                     max_grad_norm=cfg.max_grad_norm, offload=offload)
     scaler = DynamicLossScaler(enabled=cfg.fp16)     # fp16 only; otherwise scale 1, never an overflow
-    start_step, history = resume(cfg, opt, scaler, total_steps, log) if cfg.resume else (0, [])
-    if start_step >= total_steps:     # finished training; the evaluation and export may be missing
+    start_step, history, stopped = resume(cfg, opt, scaler, total_steps, log) if cfg.resume else (0, [], False)
+    if start_step >= total_steps or stopped:     # finished training; the evaluation and export may be missing
         complete_run(cfg, model, proc, run_eval, history, start_step, log)
         return dist.cleanup()
     run_log = RunLog(cfg, start_step, total_steps, sampler.steps_per_epoch, history)
+    best = Best(cfg, history, start_step) if cfg.save_best else None
     # the eval before training runs once; a resumed run keeps it from eval.json
     before = json.loads(eval_path.read_text()).get("before") if start_step and eval_path.exists() else None
     if run_eval and before is None:
         before = run_eval()
-        log(f"eval before: {summary(before)}")
+        run_log.eval(start_step, "before", before)
         if main_rank:
             write_eval(out, before, None)
-            log_eval(out, start_step, "before", before)
+    last_eval = None             # (step, scores) of the newest periodic evaluation
 
     batches = iter(make_loader(cfg, train_ds, sampler, start_step, total_steps, proc.pad_token_id, device))
     skipped = 0
@@ -740,17 +1012,35 @@ def main(cfg: TrainConfig) -> None:
         gnorm = opt.step(grad_scale=1.0 / max(g_tok, 1.0) / scaler.scale)   # clip, AdamW, write back
         opt.zero_grad()
         overflow = scaler.update(gnorm)      # fp16: an inf/nan norm skipped the step, halve the scale
-        run_log.step(step + 1, g_loss, int(g_tok), int(g_seen), opt.lr, gnorm, overflow, skipped)
-        if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or step + 1 == total_steps:
+        done = step + 1
+        run_log.step(done, g_loss, int(g_tok), int(g_seen), opt.lr, gnorm, overflow, skipped)
+        stop = False
+        if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == total_steps):
+            t0 = time.time()
+            last_eval = (done, run_eval())
+            run_log.eval(done, "step", last_eval[1])
+            if best is not None:
+                if best.update(done, last_eval[1]) and main_rank:
+                    path = save_best(cfg, model, proc, done, best.metric, best.value)
+                    run_log.note(f"best {best.metric} so far ({best.value:.4f}) -> {path}")
+                stop = best.stop
+            run_log.exclude(time.time() - t0)       # tokens_per_s counts training only
+        if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps or stop:
             meta = {"total_steps": total_steps, "config": dataclasses.asdict(cfg), "history": run_log.history,
-                    "world_size": world, "scaler": scaler.state_dict() if cfg.fp16 else None}
-            path = save_checkpoint(out, step + 1, {n: p.detach() for n, p in named}, opt.state_dict(), meta,
+                    "world_size": world, "scaler": scaler.state_dict() if cfg.fp16 else None,
+                    "early_stopped": stop}
+            path = save_checkpoint(out, done, {n: p.detach() for n, p in named}, opt.state_dict(), meta,
                                    keep_last=cfg.keep_checkpoints, rank_state=rng_state())
             run_log.note(f"checkpoint {path}")
-    run_log.close()
+        if stop:
+            run_log.note(f"early stopping at step {done}: {best.metric} has not improved for {best.since} "
+                         f"evaluations (best {best.value:.4f} at step {best.step}, in {out / BEST})")
+            break
 
-    if run_eval:
-        eval_after(out, run_eval, before, total_steps, log)
+    if run_eval:     # the evaluation at the last step, if there was one, is the one after training
+        eval_after(out, run_eval, before, done, run_log.eval,
+                   last_eval[1] if last_eval and last_eval[0] == done else None)
+    run_log.close()
     if main_rank:
         export(cfg, model, proc, run_log.history, log)
         log(f"done: {out}")
