@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 MISSING = object()
@@ -19,8 +19,9 @@ def write_atomic(path: str | Path, write) -> None:
     beside it, which is then renamed over `path`. A kill mid-write never leaves a truncated file
     under the final name (the leftover `.name.*.tmp` is removed on errors)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    # not tempfile.mkstemp: its files are private (0600); this one gets the umask's mode, as open() would
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write(Path(tmp))
         os.replace(tmp, path)
