@@ -96,8 +96,8 @@ class TrainConfig:
     learning_rate: float | None = field(default=None, metadata={"help": "default 2e-4 (LoRA/QLoRA), 4e-5 (full)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW decay (not biases/norms)",
                                                          "aliases": ["--wd"]})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (ignored with --max_steps)"})
-    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "epochs (or --max_steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "optimizer steps (instead of --num_train_epochs)"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps"})
     lr_schedule: str = field(default="linear", metadata={"help": "linear or cosine decay",
                                                           "choices": ["linear", "cosine"]})
@@ -134,7 +134,8 @@ class TrainConfig:
     report_to: str | None = field(default=None, metadata={
         "help": "experiment trackers, a comma list of tensorboard, wandb, none (default: tensorboard when "
                 "installed); rank 0 logs"})
-    merge: bool = field(default=False, metadata={"help": "also write a merged HF-layout model"})
+    merge: bool = field(default=False, metadata={
+        "help": "LoRA/QLoRA: also write the adapter merged into the base (merged/, HF layout)"})
     seed: int = field(default=42, metadata={"help": "seed for init, sampling and dropout"})
     logging_steps: int = field(default=10, metadata={"help": "log every N optimizer steps"})
     num_workers: int = field(default=2, metadata={"help": "data-loader worker processes"})
@@ -153,48 +154,74 @@ class TrainConfig:
 def parse_args(argv=None) -> TrainConfig:
     """One `--snake_case` flag per TrainConfig field (type from the annotation), the recipe's aliases,
     then `resolve`. Errors are one line `train.py: error: ...` and exit 2."""
-    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    # no argparse defaults: the namespace holds exactly the flags given (the dataclass fills the rest),
+    # so `resolve` can tell a flag the user gave from a default, even one given at its default value
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
 
     def error(msg):  # one line, no usage dump
         sys.stderr.write(f"train.py: error: {msg}\n")
         sys.exit(2)
     p.error = error
+    actions = []
     modes = p.add_mutually_exclusive_group()
-    modes.add_argument("--lora", "--use_lora", dest="mode", action="store_const", const="lora", help="LoRA")
-    modes.add_argument("--qlora", "--use_qlora", dest="mode", action="store_const", const="qlora",
-                       help="QLoRA: NF4 base + LoRA")
-    modes.add_argument("--full", "--full_train", dest="mode", action="store_const", const="full",
-                       help="full fine-tuning (ZeRO-2)")
+    actions.append(modes.add_argument("--lora", "--use_lora", dest="mode", action="store_const", const="lora",
+                                      help="LoRA"))
+    actions.append(modes.add_argument("--qlora", "--use_qlora", dest="mode", action="store_const", const="qlora",
+                                      help="QLoRA: NF4 base + LoRA"))
+    actions.append(modes.add_argument("--full", "--full_train", dest="mode", action="store_const", const="full",
+                                      help="full fine-tuning (ZeRO-2)"))
     for f in dataclasses.fields(TrainConfig):
         if f.name == "mode":
             continue
         names = [f"--{f.name}"] + f.metadata.get("aliases", [])
-        kw = {"help": f.metadata.get("help", ""), "dest": f.name, "default": f.default}
+        kw = {"help": f.metadata.get("help", ""), "dest": f.name}
         if f.type in ("bool", bool, "bool | None"):
             if f.name in ("tqdm", "compile", "tf32"):     # --x / --no_x (and the recipe's --no-tqdm)
-                p.add_argument(f"--{f.name}", dest=f.name, action="store_true", default=f.default, help=kw["help"])
-                p.add_argument(f"--no_{f.name}", f"--no-{f.name}", dest=f.name, action="store_false")
-            elif f.default:
-                p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+                actions.append(p.add_argument(f"--{f.name}", action="store_true", **kw))
+                actions.append(p.add_argument(f"--no_{f.name}", f"--no-{f.name}", dest=f.name, action="store_false"))
             else:
-                p.add_argument(*names, action="store_true", **kw)
+                actions.append(p.add_argument(*names, action=argparse.BooleanOptionalAction if f.default
+                                              else "store_true", **kw))
             continue
         base = f.type.split(" | ")[0] if isinstance(f.type, str) else f.type
         kw["type"] = {"int": int, "float": float, "str": str}.get(base, str)
         for k in ("choices", "nargs", "const"):
             if k in f.metadata:
                 kw[k] = f.metadata[k]
-        p.add_argument(*names, **kw)
-    a = p.parse_args(argv)
-    return resolve(TrainConfig(**{f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig)}), error)
+        actions.append(p.add_argument(*names, **kw))
+    a = vars(p.parse_args(argv))
+    return resolve(TrainConfig(**{f.name: a.get(f.name, f.default) for f in dataclasses.fields(TrainConfig)}),
+                   error, given_flags(a, actions, sys.argv[1:] if argv is None else argv))
 
 
-def resolve(cfg: TrainConfig, error) -> TrainConfig:
-    """Fill the preset defaults, reject contradictions with a one-line message, and return the final
-    config (frozen: nothing changes it afterwards)."""
+def given_flags(parsed: dict, actions: list, argv: list) -> dict[str, str]:
+    """{field: the flag as the user spelled it} for every field set on the command line (the last
+    spelling of it in argv: `--full_train`, `--no-drop_too_long`; an abbreviation reads as `--field`)."""
+    dest_of = {s: act.dest for act in actions for s in act.option_strings}
+    spelled = {}
+    for tok in map(str, argv):
+        if tok == "--":
+            break
+        opt = tok.split("=", 1)[0]
+        if opt in dest_of:
+            spelled[dest_of[opt]] = opt
+    return {k: spelled.get(k, f"--{v}" if k == "mode" else f"--{k}") for k, v in parsed.items()}
+
+
+def resolve(cfg: TrainConfig, error, given: dict[str, str] | None = None) -> TrainConfig:
+    """Fill the preset defaults, reject contradictions and flags that would do nothing with a one-line
+    message, and return the final config (frozen: nothing changes it afterwards). `given`: the flags
+    on the command line as `given_flags` returns them; for a config built in code (None), the fields
+    that differ from their defaults."""
     c = dataclasses.asdict(cfg)
+    if given is None:
+        given = {k: f"--{v}" if k == "mode" else f"--{k}" for k, v in c.items()
+                 if v != TrainConfig.__dataclass_fields__[k].default}
     check_ranges(c, error)
     if c["use_flash_attention"]:
+        if c["fp16"] or c["fp32"]:
+            error(f"{given.get('use_flash_attention', '--use_flash_attention')} implies --bf16 (the recipe's flash "
+                  f"attention runs in bf16 only), which contradicts {'--fp16' if c['fp16'] else '--fp32'}: give one")
         c["bf16"] = True          # the recipe's flash path is bf16; SDPA picks flash kernels itself
     if c["bf16"] + c["fp16"] + c["fp32"] > 1:
         error("--bf16, --fp16 and --fp32 are exclusive")
@@ -209,8 +236,6 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
     if c["recompute"] is None:
         c["recompute"] = "auto" if cuda else "full"
     c["mode"] = c["mode"] or "lora"            # the recipe's common case, and the demo's
-    if c["mode"] == "full" and (c["lora_alpha"] or c["lora_alpha_ratio"] or c["lora_dropout"]):
-        error("--lora_alpha/--lora_alpha_ratio/--lora_dropout need --lora or --qlora, not --full")
     task = TASKS[c["task"]]
     c["output_dir"] = c["output_dir"] or f"output/{c['task']}"
     for d in [Path(c["output_dir"]), *Path(c["output_dir"]).parents]:   # the first one that exists
@@ -226,25 +251,36 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
         error(f"--adapter {c['adapter']} does not exist (a peft adapter directory)")
     if Path(c["model"]).is_file():
         error(f"--model {c['model']} is a file; expected a checkpoint directory or a hub id")
+    # the data files this run reads (--eval_only: the eval split only); a preset takes from --data_dir
+    # those not named by a flag, the demo writes its own there
+    files = ("eval_file",) if c["eval_only"] else ("train_file", "eval_file")
+    reads_data_dir = c["task"] == "demo" or (c["task"] != "jsonl" and not all(c[k] for k in files))
     if c["task"] == "jsonl":
-        if not c["train_file"] and not (c["eval_only"] and c["eval_file"]):
+        if c["eval_only"] and not c["eval_file"]:
+            error("--eval_only evaluates an eval split: --task jsonl needs --eval_file")
+        if not c["eval_only"] and not c["train_file"]:
             error("--task jsonl needs --train_file (and optionally --eval_file)")
     elif c["task"] == "demo":
-        # the demo writes its own tiny model and dataset there (main); no downloads
+        # the demo writes its own tiny model and dataset there (setup); no downloads
         data = Path(c["data_dir"] or Path(c["output_dir"]) / "demo_data")
         c["data_dir"], c["train_file"], c["eval_file"] = str(data), str(data / task.train), str(data / task.eval)
-        if c["model"] == TrainConfig.model:
+        if "model" not in given:
             c["model"] = str(Path(c["output_dir"]) / "demo_model")
+        elif not Path(c["model"]).is_dir():
+            error(f"{given['model']} {c['model']}: --task demo downloads nothing and writes its tiny model only to "
+                  "OUTPUT_DIR/demo_model; give an existing local model folder or leave the flag out (to fine-tune "
+                  "a hub model, use --task jsonl or a preset)")
         for k, v in DEMO_DEFAULTS.items():
-            if c[k] == TrainConfig.__dataclass_fields__[k].default:
+            if k not in given:
                 c[k] = v
-    else:
+    elif reads_data_dir:
         if not c["data_dir"]:
             error(f"--task {c['task']} needs --data_dir (a folder written by python -m convert.{c['task']})")
         if not Path(c["data_dir"]).is_dir():
             error(f"--data_dir {c['data_dir']} does not exist")
         c["train_file"] = c["train_file"] or str(Path(c["data_dir"]) / task.train)
         c["eval_file"] = c["eval_file"] or str(Path(c["data_dir"]) / task.eval)
+    check_ignored(c, given, reads_data_dir, error)
     if c["task"] != "demo":
         for f in (c["train_file"], c["eval_file"]):
             if f and Path(f).is_dir():
@@ -263,21 +299,71 @@ def resolve(cfg: TrainConfig, error) -> TrainConfig:
                   f"alpha {c['lora_alpha']}; alpha must be > 0")
     check_evaluation(c, error)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if c["batch_size"] % (c["micro_batch_size"] * world):
+    if not c["eval_only"] and c["batch_size"] % (c["micro_batch_size"] * world):
         error(f"--batch_size {c['batch_size']} is not divisible by --micro_batch_size {c['micro_batch_size']} "
               f"x world size {world}")
     return TrainConfig(**c)
 
 
+LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_alpha_ratio", "lora_dropout")
+EVAL_FLAGS = ("eval_batch_size", "max_eval_samples", "max_new_tokens", "eval_steps", "max_generate_samples",
+              "save_best", "early_stopping")
+# what --eval_only reads (main: the model as set up for the mode, the processor, the eval split, the
+# generation settings); every other flag only matters to training
+EVAL_ONLY_READS = ("task", "data_dir", "eval_file", "output_dir", "model", "adapter", "mode", "bf16", "fp16", "fp32",
+                   "tf32", "num_crops", "eval_only", "eval_batch_size", "max_eval_samples", "max_new_tokens", "tqdm",
+                   "use_flash_attention")
+TRAINING_ONLY = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in EVAL_ONLY_READS)
+
+
+def check_ignored(c: dict, given: dict[str, str], reads_data_dir: bool, error) -> None:
+    """A flag the user gave that this mode, task or --eval_only would ignore, or that another flag
+    overrides, is an error saying why and what to use instead (`c`: the config with the task's files
+    and defaults filled in; `given`: {field: flag as spelled})."""
+    mode = given.get("mode", f"--{c['mode']}")
+    named = " and ".join(given[k] for k in ("train_file", "eval_file") if k in given)
+    rules = [   # (flags, whether they would do nothing here, why and what instead)
+        (("adapter",), c["mode"] == "full",
+         f"is never loaded with {mode}, which fine-tunes the weights of --model itself: merge the adapter into its "
+         "base first (a LoRA run's --merge writes OUTPUT_DIR/merged/) and pass that as --model, or train the "
+         "adapter on with --lora or --qlora"),
+        (LORA_FLAGS, c["mode"] == "full", f"configures a LoRA adapter, and {mode} trains none: use --lora or "
+                                          "--qlora, or leave it out"),
+        (TRAINING_ONLY, c["eval_only"], "applies to training, and --eval_only trains nothing: leave it out"),
+        (LORA_FLAGS, bool(c["adapter"]), "is decided by the adapter: --adapter continues it with the rank, alpha and "
+                                         "dropout of its adapter_config.json (leave it out)"),
+        (("lora_alpha_ratio",), "lora_alpha" in given, "is overridden by --lora_alpha (both set alpha): give one"),
+        (("merge",), c["mode"] == "full", f"folds a LoRA adapter into its base, and {mode} already writes the "
+                                          "whole model (HF layout) to --output_dir: leave it out"),
+        (("num_train_epochs",), "max_steps" in given, "is overridden by --max_steps (both set the length of "
+                                                      "training): give one"),
+        (("data_dir",), not reads_data_dir, f"is not read: {named} name{'s' * (' and ' not in named)} every data "
+                                            "file this run reads (images/ beside each): leave it out"),
+        (("train_file", "eval_file"), c["task"] == "demo", "is not read by --task demo, which generates its own "
+                                                           "dataset in --data_dir: for your own data use --task "
+                                                           "jsonl (or a preset)"),
+        (("packing",), c["micro_batch_size"] == 1, "packs the samples of a micro-batch into one row, and with "
+                                                   "--micro_batch_size 1 each row holds one sample anyway: raise "
+                                                   "--micro_batch_size, or leave it out"),
+        (("drop_too_long",), c["max_length"] is None, "decides what happens to samples over --max_length, and "
+                                                      "without --max_length none is too long: add --max_length L, "
+                                                      "or leave it out"),
+        (EVAL_FLAGS, not c["eval_file"], "configures the evaluation, and there is no eval split (--task jsonl "
+                                         "without --eval_file): add --eval_file, or leave it out"),
+        (("max_eval_samples",), "max_generate_samples" in given and not c["eval_steps"],
+         "is overridden by --max_generate_samples: without --eval_steps (no validation loss) both only count the "
+         "records answered by generation; give one"),
+    ]
+    for flags, ignored, why in rules:
+        hit = [k for k in flags if k in given]
+        if ignored and hit:
+            error(f"{given[hit[0]]} {why}")
+
+
 def check_evaluation(c: dict, error) -> None:
-    """The watching flags (--eval_steps, --save_best, --early_stopping, --max_generate_samples,
-    --report_to): each needs what it works on, and --report_to its packages."""
+    """The watching flags (--save_best, --early_stopping, --report_to): each needs what it works on, and
+    --report_to its packages (an eval split and training are check_ignored's)."""
     c["report_to"] = report_targets(c["report_to"], error)
-    given = [f"--{k}" for k in ("eval_steps", "max_generate_samples", "save_best", "early_stopping") if c[k]]
-    if given and not c["eval_file"]:
-        error(f"{given[0]} needs an eval split (--eval_file, or a preset's val file)")
-    if given and c["eval_only"]:
-        error(f"{given[0]} watches a training run; --eval_only trains nothing (leave it out)")
     if c["save_best"] and not c["eval_steps"]:
         error("--save_best needs --eval_steps N (the evaluations it picks the best of)")
     if c["early_stopping"] and not c["save_best"]:

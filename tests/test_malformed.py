@@ -89,6 +89,66 @@ def _train_arg_cases(tmp: Path) -> dict:
         "adapter missing": (["--adapter", tmp / "nope"], "--adapter"),
         "resume dir a file": (["--resume", afile], f"--resume {afile} is a file"),
         "model is a file": (["--task", "jsonl", "--train_file", afile, "--model", afile], "--model"),
+    } | _ignored_flag_cases(tmp, afile)
+
+
+def _ignored_flag_cases(tmp: Path, afile: Path) -> dict:
+    """A flag that the mode, the task or --eval_only would ignore (or that another flag overrides) is
+    refused, also when given at its default value, under the spelling the user typed (recipe aliases
+    included). `afile` stands in for a jsonl, `tmp` for an adapter and a data folder."""
+    jsonl = ["--task", "jsonl", "--train_file", afile]
+    evals = ["--eval_only", "--adapter", tmp]
+    return {
+        "adapter with full": (["--full", "--adapter", tmp], "--adapter is never loaded with --full"),
+        "adapter with full_train": (["--full_train", "--adapter", tmp], "merge the adapter into its base first"),
+        "lora_rank with full": (["--full", "--lora_rank", "64"], "--lora_rank configures a LoRA adapter, and --full"),
+        "lora_alpha with full": (["--full", "--lora_alpha", "16"], "--lora_alpha configures a LoRA adapter"),
+        "lora_alpha_ratio with full": (["--full", "--lora_alpha_ratio", "2"], "--lora_alpha_ratio configures"),
+        "lora_dropout 0 with full": (["--full", "--lora_dropout", "0"], "--lora_dropout configures a LoRA adapter"),
+        "lora_rank with adapter": (["--adapter", tmp, "--lora_rank", "8"], "--lora_rank is decided by the adapter"),
+        "lora_alpha with adapter": (["--use_lora", "--adapter", tmp, "--lora_alpha", "16"], "adapter_config.json"),
+        "lora_dropout with adapter": (["--qlora", "--adapter", tmp, "--lora_dropout", "0.1"], "--lora_dropout is"),
+        "alpha and alpha_ratio": (["--lora_alpha", "16", "--lora_alpha_ratio", "0.5"],
+                                  "--lora_alpha_ratio is overridden by --lora_alpha"),
+        "merge with full": (["--full", "--merge"], "--merge folds a LoRA adapter into its base, and --full"),
+        "epochs with max_steps": (["--max_steps", "4", "--num_train_epochs", "1"],
+                                  "--num_train_epochs is overridden by --max_steps"),
+        "data_dir with jsonl": (jsonl + ["--data_dir", tmp], "--data_dir is not read: --train_file names every"),
+        "data_dir with both files": (["--task", "docvqa", "--data_dir", tmp, "--train_file", afile, "--eval_file",
+                                      afile], "--data_dir is not read: --train_file and --eval_file name every"),
+        "train_file with demo": (["--task", "demo", "--train_file", afile], "--train_file is not read by --task demo"),
+        "eval_file with demo": (["--eval_file", afile], "--eval_file is not read by --task demo"),
+        "hub model with demo": (["--task", "demo", "--model", "microsoft/Phi-3.5-vision-instruct"],
+                                "--task demo downloads nothing"),
+        "packing, micro-batch 1": (["--packing", "--micro_batch_size", "1"], "with --micro_batch_size 1 each row"),
+        "packing, recipe's micro-batch 1": (jsonl + ["--packing"], "--packing packs the samples of a micro-batch"),
+        "no-drop_too_long without max_length": (["--no-drop_too_long"], "--no-drop_too_long decides what happens"),
+        "drop_too_long without max_length": (["--drop_too_long"], "without --max_length none is too long"),
+        "eval_batch_size, no eval split": (jsonl + ["--eval_batch_size", "4"],
+                                           "--eval_batch_size configures the evaluation, and there is no eval split"),
+        "max_new_tokens, no eval split": (jsonl + ["--max_new_tokens", "64"], "--max_new_tokens configures"),
+        "max_eval_samples, no eval split": (jsonl + ["--max_eval_samples", "2"], "add --eval_file"),
+        "eval_steps, no eval split": (jsonl + ["--eval_steps", "2"], "--eval_steps configures the evaluation"),
+        "max_eval_samples under max_generate_samples": (["--max_eval_samples", "8", "--max_generate_samples", "4"],
+                                                        "--max_eval_samples is overridden by --max_generate_samples"),
+        "flash attention with fp16": (["--use_flash_attention", "--fp16"],
+                                      "--use_flash_attention implies --bf16 (the recipe's flash attention runs in "
+                                      "bf16 only), which contradicts --fp16"),
+        "flash attention with fp32": (["--use_flash_attention", "--fp32"], "which contradicts --fp32"),
+        "eval_only without eval_file": (["--task", "jsonl", "--eval_only"], "--task jsonl needs --eval_file"),
+        "eval_only with train_file": (["--task", "jsonl", "--eval_only", "--eval_file", afile, "--train_file", afile],
+                                      "--train_file applies to training, and --eval_only trains nothing"),
+        **{f"eval_only with {argv[0]}": (evals + argv, f"{argv[0]} applies to training, and --eval_only trains nothing")
+           for argv in (["--learning_rate", "1e-4"], ["--num_train_epochs", "1"], ["--max_steps", "4"],
+                        ["--save_steps", "2"], ["--keep_checkpoints", "2"], ["--resume"], ["--warmup_steps", "50"],
+                        ["--lr_schedule", "cosine"], ["--weight_decay", "0.01"], ["--wd", "0"],
+                        ["--max_grad_norm", "1"], ["--lora_rank", "8"], ["--packing"], ["--freeze_vision"],
+                        ["--freeze_vision_model"], ["--compile"], ["--no_compile"], ["--recompute", "full"],
+                        ["--offload_optimizer", "on"], ["--offload_activations"], ["--batch_size", "64"],
+                        ["--batch_size_per_gpu", "2"], ["--max_length", "4096"], ["--no-drop_too_long"],
+                        ["--skip_bad_records"], ["--index_cache", "none"], ["--report_to", "none"], ["--merge"],
+                        ["--seed", "42"], ["--logging_steps", "1"], ["--num_workers", "0"],
+                        ["--max_generate_samples", "2"])},
     }
 
 
@@ -101,6 +161,73 @@ def test_train_arguments_one_line_each(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2, name
         line = one_line(capsys.readouterr().err, "train.py")
         assert expect in line, f"{name}: {line}"
+
+
+def test_train_arguments_that_matter_still_parse(tmp_path, monkeypatch):
+    """The command lines of the tests (test_train, test_watch), the README, bench/ and the recipe's
+    flags parse: only flags that would do nothing are refused. A flag given at its default value is
+    the user's (not replaced by a demo default)."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    model, adapter, out = tmp_path / "model", tmp_path / "adapter", tmp_path / "out"
+    model.mkdir(), adapter.mkdir()
+    for task in ("ucf101", "docvqa", "hateful_memes", "nlvr2"):
+        (tmp_path / task).mkdir()
+        for split in ("train", "val"):
+            (tmp_path / task / f"{task}_{split}.jsonl").write_text("{}\n")
+    data = lambda task: ["--task", task, "--data_dir", tmp_path / task]       # noqa: E731
+    jsonl = ["--task", "jsonl", "--train_file", tmp_path / "nlvr2" / "nlvr2_train.jsonl",
+             "--eval_file", tmp_path / "nlvr2" / "nlvr2_val.jsonl"]
+    demo = ["--task", "demo", "--model", model, "--data_dir", tmp_path / "demo", "--output_dir", out, "--no_tqdm",
+            "--max_eval_samples", 2, "--max_new_tokens", 4]
+    train = demo + ["--batch_size", 4, "--micro_batch_size", 2, "--num_workers", 0, "--logging_steps", 1,
+                    "--max_steps", 4]
+    lines = [
+        [], ["--task", "demo", "--eval_steps", 16, "--save_best", "accuracy"],
+        train, train + ["--save_steps", 2, "--keep_checkpoints", 5, "--merge"], train + ["--lora_dropout", 0.1],
+        train + ["--resume", "--lora_rank", 8], train + ["--full", "--freeze_vision", "--num_workers", 1],
+        train + ["--packing", "--freeze_vision"], train + ["--offload_activations"], train + ["--qlora"],
+        train + ["--bf16"], train + ["--fp16"], train + ["--eval_steps", 2, "--save_best", "val_loss"],
+        train + ["--eval_steps", 1, "--save_best", "accuracy", "--early_stopping", 1],
+        demo + ["--eval_only", "--adapter", adapter],
+        demo + ["--eval_only", "--qlora", "--adapter", adapter, "--bf16", "--num_crops", 1, "--eval_batch_size", 2],
+        data("ucf101"), data("docvqa") + ["--full", "--bf16", "--batch_size", 64],
+        data("nlvr2") + ["--full", "--freeze_vision", "--bf16"],
+        data("hateful_memes") + ["--qlora", "--bf16", "--micro_batch_size", 2], jsonl,
+        data("docvqa") + ["--eval_steps", 200, "--max_eval_samples", 2000, "--max_generate_samples", 500,
+                          "--save_best", "anls", "--early_stopping", 5, "--report_to", "none"],
+        data("docvqa") + ["--eval_only", "--model", model, "--adapter", adapter],
+        data("docvqa") + ["--train_file", tmp_path / "nlvr2" / "nlvr2_train.jsonl"],
+        ["--task", "docvqa", "--train_file", jsonl[3], "--eval_file", jsonl[5]],
+        data("docvqa") + ["--full", "--max_steps", 12, "--batch_size", 8, "--logging_steps", 1,
+                          "--max_eval_samples", 1, "--max_new_tokens", 4, "--no_tqdm", "--recompute", "full",
+                          "--no_compile"],                                                 # bench/synthetic_run.py
+        data("docvqa") + ["--full_train", "--bf16", "--use_flash_attention", "--batch_size", 64,
+                          "--learning_rate", 5e-6, "--num_train_epochs", 2],               # the recipe's
+        data("docvqa") + ["--use_qlora", "--lora_rank", 32, "--lora_alpha_ratio", 0.5, "--batch_size_per_gpu", 2,
+                          "--packing", "--max_length", 4096, "--no-drop_too_long", "--use_flash_attention", "--bf16"],
+        jsonl + ["--adapter", adapter, "--freeze_vision_model", "--resume"],
+        ["--task", "jsonl", "--train_file", jsonl[3], "--no_tf32", "--offload_optimizer", "off", "--compile"],
+    ]
+    for argv in lines:
+        train_py.parse_args([str(a) for a in argv])
+    c = train_py.parse_args(["--task", "demo", "--batch_size", "64", "--micro_batch_size", "1", "--lora_rank", "64"])
+    assert (c.batch_size, c.micro_batch_size, c.lora_rank, c.warmup_steps) == (64, 1, 64, 4)
+    assert train_py.parse_args(["--model", str(model)]).model == str(model)
+
+
+def test_resolve_of_a_config_built_in_code(tmp_path, monkeypatch):
+    """resolve() without the command line counts the fields that differ from their defaults as given."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_text("{}\n")
+
+    def error(msg):
+        raise SystemExit(msg)
+    c = train_py.resolve(train_py.TrainConfig(task="jsonl", train_file=str(jsonl), micro_batch_size=2), error)
+    assert (c.train_file, c.micro_batch_size, c.mode) == (str(jsonl), 2, "lora")
+    with pytest.raises(SystemExit, match="--adapter is never loaded with --full"):
+        train_py.resolve(train_py.TrainConfig(task="jsonl", train_file=str(jsonl), mode="full",
+                                              adapter=str(tmp_path)), error)
 
 
 @pytest.fixture(scope="module")

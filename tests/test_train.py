@@ -355,7 +355,8 @@ def test_qlora_on_cpu(demo_dir, tmp_path):
 
 def test_eval_only_with_adapter(demo_dir, ref, tmp_path):
     out = tmp_path / "eval"
-    args = common(demo_dir, out) + ["--eval_only", "--adapter", ref[0]]
+    args = ["--task", "demo", "--model", demo_dir / "model", "--data_dir", demo_dir / "data", "--output_dir", out,
+            "--no_tqdm", "--max_eval_samples", 2, "--max_new_tokens", 4, "--eval_only", "--adapter", ref[0]]
     train(args)
     ev = json.loads((out / "eval.json").read_text())
     ref_after = json.loads((ref[0] / "eval.json").read_text())["after"]
@@ -476,12 +477,13 @@ def test_recipe_flag_aliases(monkeypatch):
     assert parse([]).mode == "lora"
     assert parse(["--freeze_vision_model"]).freeze_vision and parse(["--freeze_image_model"]).freeze_vision
     assert not parse([]).freeze_vision
-    assert parse(["--model_name_or_path", "some/model"]).model == "some/model"
-    c = parse(["--task", "jsonl", "--train_file", __file__, "--batch_size", "8", "--batch_size_per_gpu", "4"])
+    jsonl = ["--task", "jsonl", "--train_file", __file__]      # the demo takes no hub id (it downloads nothing)
+    assert parse(jsonl + ["--model_name_or_path", "some/model"]).model == "some/model"
+    c = parse(jsonl + ["--batch_size", "8", "--batch_size_per_gpu", "4"])
     assert (c.batch_size, c.micro_batch_size) == (8, 4)
-    c = parse(["--task", "jsonl", "--train_file", __file__, "--lora_rank", "8", "--lora_alpha_ratio", "1.5"])
+    c = parse(jsonl + ["--lora_rank", "8", "--lora_alpha_ratio", "1.5"])
     assert c.lora_alpha == 12
-    assert parse(["--task", "jsonl", "--train_file", __file__]).lora_alpha == 128   # 2 x rank 64
+    assert parse(jsonl).lora_alpha == 128   # 2 x rank 64
     assert parse(["--wd", "0.3"]).weight_decay == 0.3
     assert parse(["--no-tqdm"]).tqdm is False and parse(["--no_tqdm"]).tqdm is False
     assert parse(["--tqdm"]).tqdm is True and parse([]).tqdm is True
