@@ -10,6 +10,7 @@ eval after -> export. Everything it calls is a plain function below or a module 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import functools
 import importlib.util
@@ -34,9 +35,10 @@ from phi3v.checkpoint import (complete_checkpoints, load_checkpoint, rng_state, 
 from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate, to_device
 from phi3v.evaluate import evaluate, load_eval_records
 from phi3v.finetune import prepare
-from phi3v.jsonfile import write_atomic, write_text_atomic
+from phi3v.jsonfile import finite, json_line, write_atomic, write_text_atomic
 from phi3v.lora import load_adapter, merge_lora, save_adapter
 from phi3v.optim import DynamicLossScaler, ZeroAdamW, lr_at, no_decay
+from phi3v.runlock import lock_dir
 
 
 class Task(NamedTuple):
@@ -423,6 +425,7 @@ def check_ranges(c: dict, error) -> None:
 def setup(cfg: TrainConfig) -> torch.device:
     """Process group, CPU threads, seeds; the demo's model and data (written once, by rank 0)."""
     device = dist.init()
+    lock_output_dir(cfg)
     if device.type == "cuda" and cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == "cpu":
@@ -441,6 +444,26 @@ def setup(cfg: TrainConfig) -> torch.device:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     return device
+
+
+def lock_output_dir(cfg: TrainConfig) -> None:
+    """One run per output_dir (phi3v.runlock): rank 0 takes output_dir/.lock before anything there is
+    touched and holds it until the process ends. Every rank gets rank 0's answer, so all stop with the
+    same line if another run holds it."""
+    note = problem = None
+    if dist.is_main():
+        try:
+            lock, note = lock_dir(cfg.output_dir)
+            atexit.register(lock.release)             # also after an error; a kill leaves it to the kernel
+        except ValueError as e:                       # another run holds it
+            problem = f"--output_dir {e}; wait for that run to end or choose another --output_dir"
+        except OSError as e:                          # the directory or the file cannot be created
+            problem = str(e)
+    problem = dist.all_gather_object(problem)[0]
+    if problem:
+        raise ValueError(problem)
+    if note:
+        print(note, flush=True)
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> Phi3V:
@@ -716,9 +739,10 @@ class RunLog:
                 rec["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
             if overflow:
                 rec["fp16_overflow_skipped"] = True
+            rec = finite(rec)                   # the history goes into checkpoints' meta.json: JSON too
             self.history.append(rec)
             if self.main:
-                self.metrics.write(json.dumps(rec) + "\n")
+                self.metrics.write(json_line(rec))
                 self.metrics.flush()
                 self.trackers.log({f"train/{k}": rec.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s",
                                                                      "peak_mem_gb")}, done)
@@ -736,7 +760,7 @@ class RunLog:
         self.history.append(rec)
         self.postfix.update({k: f"{rec[k]:.4f}" for k in EVAL_SCALARS if rec.get(k) is not None})
         if self.main:
-            self.metrics.write(json.dumps(rec) + "\n")
+            self.metrics.write(json_line(rec))
             self.metrics.flush()
             self.trackers.log({f"eval/{k}": rec.get(k) for k in EVAL_SCALARS}, step)
             self.note((f"eval at step {step}" if when == "step" else f"eval {when}") + f": {summary(res)}")
@@ -751,14 +775,14 @@ class RunLog:
 
 def eval_record(step: int, when: str, res: dict) -> dict:
     """The metrics.jsonl record of an evaluation: its scores (not the examples)."""
-    return {"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}}
+    return finite({"step": step, "eval": when, **{k: v for k, v in res.items() if k != "examples"}})
 
 
 def log_eval(out: Path, step: int, when: str, res: dict) -> None:
     """One metrics.jsonl record for an evaluation outside the loop (a resumed run's missing "after").
     Rank 0 only."""
     with open(out / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(eval_record(step, when, res)) + "\n")
+        f.write(json_line(eval_record(step, when, res)))
 
 
 def write_eval(out: Path, before: dict | None, after: dict | None) -> None:
@@ -777,7 +801,7 @@ def eval_after(out: Path, run_eval, before: dict | None, step: int, record, res:
 
 def truncate_metrics(path: Path, step: int, drop: tuple = ()) -> None:
     """Keep the records up to `step`, but evaluations of the kinds in `drop`; a line cut by a crash is
-    dropped."""
+    dropped, and one written with NaN (by an older version) is rewritten as strict JSON."""
     if not path.exists():
         return
     kept = []
@@ -785,10 +809,10 @@ def truncate_metrics(path: Path, step: int, drop: tuple = ()) -> None:
         try:
             rec = json.loads(line)
             if rec.get("step", 0) <= step and rec.get("eval") not in drop:
-                kept.append(line)
+                kept.append(json_line(rec))
         except (ValueError, AttributeError):
             continue
-    write_text_atomic(path, "".join(line + "\n" for line in kept))     # a kill here loses nothing
+    write_text_atomic(path, "".join(kept))     # a kill here loses nothing
 
 
 # colours of the curves (matplotlib and the Pillow fallback alike)
@@ -961,6 +985,21 @@ def export(cfg: TrainConfig, model: Phi3V, proc: Processor, history: list, log) 
         log(f"merged model -> {out / 'merged'}")
 
 
+def diverged(cfg: TrainConfig, step: int, what: str) -> ValueError:
+    """The error that stops a run whose training went non-finite at optimizer step `step` (no evaluation
+    or export follows): what happened, what to try, where to resume."""
+    tips = [f"a lower --learning_rate (this run: {cfg.learning_rate:g})",
+            f"a smaller --max_grad_norm (this run: {cfg.max_grad_norm:g})" if cfg.max_grad_norm
+            else "--max_grad_norm 1 (clipping is off)"]
+    if not cfg.fp32:
+        tips.append("--fp32" if cfg.bf16 else "--bf16 (or --fp32)")
+    ck = next((c for c in complete_checkpoints(cfg.output_dir) if int(c.name.split("-")[1]) < step), None)
+    where = (f"resume from the newest checkpoint, {ck} (--resume), or an earlier one (--resume DIR)" if ck
+             else "start again (no checkpoint was written before it)")
+    return ValueError(f"step {step}: {what}. Training stopped; try {', '.join(tips[:-1])} or {tips[-1]}, "
+                      f"then {where}")
+
+
 # ------------------------------------------------------------------------------------------------
 def make_evaluator(cfg: TrainConfig, model: Phi3V, proc: Processor, device: torch.device, log):
     """`run_eval()` -> scores of the eval split with this run's settings (None without an eval file):
@@ -1095,9 +1134,16 @@ def main(cfg: TrainConfig) -> None:
         # all ranks), so every answer token weighs the same however the batch is split (STYLE §8)
         counts = torch.tensor([n_tok, n_seen], dtype=torch.float64, device=device)
         g_loss, g_tok, g_seen = dist.all_reduce_sum(torch.cat([loss_sum.view(1), counts])).tolist()
+        if not math.isfinite(g_loss):        # all-reduced: every rank stops here alike
+            opt.discard()
+            raise diverged(cfg, step + 1, f"the training loss is {g_loss} (the step was not applied)")
         gnorm = opt.step(grad_scale=1.0 / max(g_tok, 1.0) / scaler.scale)   # clip, AdamW, write back
         opt.zero_grad()
         overflow = scaler.update(gnorm)      # fp16: an inf/nan norm skipped the step, halve the scale
+        if not math.isfinite(gnorm) and (not overflow or scaler.stuck):      # no loss scale to blame
+            raise diverged(cfg, step + 1, f"the gradient norm is {gnorm}" + (
+                f" with the fp16 loss scale at its floor, {scaler.min_scale:g}" if overflow else "")
+                + " (the step was not applied)")
         done = step + 1
         run_log.step(done, g_loss, int(g_tok), int(g_seen), opt.lr, gnorm, overflow, skipped)
         stop = False
@@ -1112,6 +1158,9 @@ def main(cfg: TrainConfig) -> None:
                 stop = best.stop
             run_log.exclude(time.time() - t0)       # tokens_per_s counts training only
         if (cfg.save_steps and done % cfg.save_steps == 0) or done == total_steps or stop:
+            if not opt.all_finite():        # collective; a finite step can still overflow the weights
+                raise diverged(cfg, done, "the weights or optimizer state after it are not finite (inf or "
+                               "nan), so its checkpoint was not written")
             meta = {"total_steps": total_steps, "config": dataclasses.asdict(cfg), "history": run_log.history,
                     "world_size": world, "scaler": scaler.state_dict() if cfg.fp16 else None,
                     "early_stopped": stop}

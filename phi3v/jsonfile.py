@@ -35,6 +35,23 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_atomic(path, lambda p: p.write_text(text, encoding="utf-8", newline="\n"))
 
 
+def finite(value):
+    """`value` with every non-finite float (nan, inf) in it, also inside dicts and lists, replaced by
+    None: what strict JSON can hold (`json.dumps(..., allow_nan=False)` accepts the result)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_line(record: dict) -> str:
+    """One line of a .jsonl file: strict JSON (non-finite numbers as null, never NaN or Infinity)."""
+    return json.dumps(finite(record), allow_nan=False) + "\n"
+
+
 def read_json(path: str | Path):
     """The parsed content of a JSON file; ValueError naming the file if it is not UTF-8 JSON.
     A missing file raises FileNotFoundError (the caller knows what it was looking for)."""

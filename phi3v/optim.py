@@ -310,10 +310,7 @@ class ZeroAdamW:
         not counted); the caller sees that in the returned value. The update scales the gradients
         it reads in place (with fp32 parameters on one rank: p.grad).
         """
-        if self.world > 1:
-            self._launch(in_backward=False)
-            self._land(keep=0)
-            self._reset_reduction()
+        self._finish_reduction()
         norm = grad_scale * self._grad_norm()
         if not math.isfinite(norm):
             return norm
@@ -340,6 +337,32 @@ class ZeroAdamW:
             del grads  # before the next bucket's copies exist
         self._sync_params()
         return norm
+
+    def _finish_reduction(self) -> None:
+        """Start and finish every gradient reduction of this step that is still due (world > 1)."""
+        if self.world > 1:
+            self._launch(in_backward=False)
+            self._land(keep=0)
+            self._reset_reduction()
+
+    def discard(self) -> None:
+        """Drop this step's gradients without updating anything (e.g. the loss was not finite). Collective
+        with several ranks: the reductions started during backward are finished first, on every rank."""
+        self._finish_reduction()
+        self.zero_grad()
+
+    @torch.no_grad()
+    def all_finite(self) -> bool:
+        """Whether the weights and the optimizer state (masters and moments) hold only finite numbers,
+        on every rank. Collective with several ranks: each checks its shard (min and max, no copies)."""
+        shard = self.flat[self.base:self.base + self.shard_numel]
+        ok = all(math.isfinite(x) for t in (shard, self.master, self.exp_avg, self.exp_avg_sq)
+                 for x in torch.aminmax(t))      # nan propagates into both
+        if self.world > 1:
+            bad = torch.tensor([0.0 if ok else 1.0], device=self.flat.device)
+            dist.all_reduce(bad, group=self._group)
+            ok = bad.item() == 0
+        return ok
 
     def _sync_params(self) -> None:
         """Parameters <- masters: cast this shard into the flat buffer (unless it is the master), then
@@ -496,15 +519,19 @@ class DynamicLossScaler:
         self.growth_interval = growth_interval
         self.min_scale = float(min_scale)
         self.good_steps = 0
+        # the last update() overflowed with the scale already at min_scale: not the loss scale's doing
+        self.stuck = False
 
     def update(self, grad_norm: float) -> bool:
         """Adjust the scale; returns True if the step overflowed (and so was skipped)."""
         if not self.enabled:
             return False
         if not math.isfinite(grad_norm):
+            self.stuck = self.scale <= self.min_scale
             self.scale = max(self.scale / 2, self.min_scale)
             self.good_steps = 0
             return True
+        self.stuck = False
         self.good_steps += 1
         if self.good_steps == self.growth_interval:
             self.scale *= 2

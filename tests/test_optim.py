@@ -188,12 +188,36 @@ def test_nonfinite_grad_skips_step():
         assert_equal_dicts(merged([opt.state_dict()]), merged([state]))
 
 
+def test_discard_and_all_finite():
+    """discard() drops a step's gradients without touching weights or state; all_finite() sees a nan
+    or inf in the weights, the masters (bf16 parameters) or a moment."""
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build(dtype)
+        opt = make_opt(model)
+        train(model, opt, 0, 2, n_micro=2)
+        before, state = trainable(model), opt.state_dict()
+        loss, _ = micro_batch(model, 2, 0)
+        loss.backward()
+        opt.discard()
+        assert all(p.grad is None for p in model.values())
+        assert_equal_dicts(trainable(model), before)
+        assert_equal_dicts(merged([opt.state_dict()]), merged([state]))
+        assert opt.all_finite()
+        for t, bad in ((model["w2"].data, float("nan")), (opt.master, float("inf")), (opt.exp_avg, float("-inf")),
+                       (opt.exp_avg_sq, float("nan"))):
+            keep = t[7].clone()
+            t[7] = bad
+            assert not opt.all_finite()
+            t[7] = keep
+            assert opt.all_finite()
+
+
 def test_dynamic_loss_scaler():
     scaler = DynamicLossScaler(init_scale=2.0 ** 3, growth_interval=3, min_scale=2.0)
-    assert scaler.update(float("inf")) and scaler.scale == 4.0
-    assert scaler.update(float("nan")) and scaler.scale == 2.0
-    assert scaler.update(float("inf")) and scaler.scale == 2.0  # clamped at min_scale
-    assert not any(scaler.update(1.0) for _ in range(2)) and scaler.scale == 2.0
+    assert scaler.update(float("inf")) and scaler.scale == 4.0 and not scaler.stuck
+    assert scaler.update(float("nan")) and scaler.scale == 2.0 and not scaler.stuck   # reached the floor
+    assert scaler.update(float("inf")) and scaler.scale == 2.0 and scaler.stuck   # clamped at min_scale
+    assert not any(scaler.update(1.0) for _ in range(2)) and scaler.scale == 2.0 and not scaler.stuck
     assert not scaler.update(1.0) and scaler.scale == 4.0  # grows after 3 clean steps
     fresh = DynamicLossScaler()
     assert fresh.scale == 2.0 ** 16
@@ -308,6 +332,22 @@ def _worker(rank, world, port, tmp):
         out["inf_norm"] = opt.step()
         out["inf_weights_unchanged"] = all(torch.equal(a, b) for a, b in
                                            zip(trainable(model).values(), trainable(build()).values()))
+
+        # A step discarded after its last backward started the reductions (train.py, on a non-finite
+        # loss): nothing is updated and every rank finishes; then a nan in one rank's moments makes
+        # all_finite() False on every rank.
+        model = build()
+        opt = make_opt(model)
+        loss, _ = micro_batch(model, 0, rank)
+        opt.sync_grads = True
+        loss.backward()
+        opt.discard()
+        out["discard_unchanged"] = all(torch.equal(a, b) for a, b in
+                                       zip(trainable(model).values(), trainable(build()).values()))
+        out["finite_before"] = opt.all_finite()
+        if rank == world - 1:
+            opt.exp_avg_sq[-1] = float("nan")
+        out["finite_after"] = opt.all_finite()
 
         # sync_grads on a backward that is not the last: the next backward's gradients would miss
         # the reduction, which is an error; step() then finishes what was started, on every rank.
@@ -480,6 +520,13 @@ def test_inf_on_one_rank_skips_everywhere(runs, world):
     for r in range(world):
         assert runs[world][r]["inf_norm"] == float("inf")
         assert runs[world][r]["inf_weights_unchanged"]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_discard_and_all_finite_on_every_rank(runs, world):
+    for r in range(world):
+        assert runs[world][r]["discard_unchanged"]
+        assert runs[world][r]["finite_before"] and not runs[world][r]["finite_after"]
 
 
 @pytest.mark.parametrize("world", [2, 3])

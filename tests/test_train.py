@@ -1,13 +1,17 @@
 """train.py end to end, as the real CLI (subprocesses, torchrun with gloo for 2 ranks): outputs,
-exact resume (also after SIGKILL, also mid-checkpoint), 1 vs 2 ranks, every mode and preset,
-bad input, the recipe's flag aliases. Tiny model, 8 training clips, 2..4 optimizer steps
-(6 in the one slow test); the default run takes about 2 minutes on 2 idle cores."""
+exact resume (also after SIGKILL, also mid-checkpoint), a diverging run, a second run on an output_dir
+in use, 1 vs 2 ranks, every mode and preset, bad input, the recipe's flag aliases. Tiny model, 8
+training clips, 2..4 optimizer steps (6 in the one slow test); the default run takes about 2 minutes
+on 2 idle cores."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,8 +121,13 @@ def test_no_checkpoint_then_sigkill_after_checkpoint_resumes_bitwise_with_dropou
     assert "no complete checkpoint" in log.read_text() and "starting from scratch" in log.read_text()
     ck = latest_checkpoint(out)
     assert ck is not None and ck.name == "step-2", "killed too late (test timing)"
+    owner = json.loads((out / ".lock").read_text())       # the killed run's lock file is left behind
+    assert owner["pid"] == p.pid
     r = train(args(out) + ["--resume"])
     assert f"resumed from {ck}" in r.stdout
+    assert (f"{out}: took over the lock of run pid {p.pid} on host {owner['host']} started {owner['started']} "
+            "(no longer running)") in r.stdout
+    assert not (out / ".lock").exists(), "released at the end"
     bad = differing(final_state(out, N), final_state(straight, N))
     assert not bad, f"resumed run differs from the uninterrupted one in {bad[:5]}"
     assert_step_records(out, N)
@@ -208,6 +217,146 @@ def test_resume_finished_run_does_nothing(demo_dir, ref, tmp_path):
     assert "already finished" in r.stdout
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+# ---------------------------------------------------------------- divergence, a second run on the output_dir
+
+def stderr_lines(r) -> list[str]:
+    return [line for line in r.stderr.splitlines() if line.strip()]
+
+
+def test_nonfinite_loss_stops_the_run_at_that_step(demo_dir, tmp_path):
+    """bf16 with lr 1e30: step 2's update blows the LoRA weights up (finite, ~1e29) and step 3's loss is
+    nan. The run stops there in one line naming the step, the value, what to try and the checkpoint to
+    resume from; step 3 is neither applied nor logged, metrics.jsonl stays strict JSON, nothing is
+    evaluated or exported."""
+    out = tmp_path / "nan"
+    r = train(common(demo_dir, out) + ["--save_steps", 2, "--bf16", "--learning_rate", 1e30], check=False)
+    ck = out / "checkpoints" / "step-2"
+    assert r.returncode == 1 and "Traceback" not in r.stderr and stderr_lines(r) == [
+        "train.py: error: step 3: the training loss is nan (the step was not applied). Training stopped; try a "
+        "lower --learning_rate (this run: 1e+30), a smaller --max_grad_norm (this run: 1) or --fp32, then resume "
+        f"from the newest checkpoint, {ck} (--resume), or an earlier one (--resume DIR)"], r.stderr
+    recs = metrics(out)                                 # strict: NaN or Infinity would raise
+    assert [m["step"] for m in recs if "loss" in m] == [1, 2]
+    assert [m["eval"] for m in recs if "eval" in m] == ["before"]
+    assert latest_checkpoint(out) == ck
+    assert all(torch.isfinite(v).all() for v in load_file(ck / "weights.safetensors").values())
+    assert json.loads((out / "eval.json").read_text())["after"] is None
+    assert not (out / "adapter_model.safetensors").exists() and not (out / ".lock").exists()
+
+
+def test_nonfinite_weights_are_not_checkpointed_and_resume_finishes(demo_dir, ref, tmp_path):
+    """lr 1e39: step 2's update (lr 2.5e38, warming up) overflows the weights to inf/nan although its loss
+    and gradient norm were finite. Its checkpoint is not written; the run stops naming step 2 and the
+    newest checkpoint, step-1. Resumed from it with the demo's learning rate the run ends bitwise as
+    the ref run: step 1 trains with lr 0 (warmup), so step-1 is the same for any --learning_rate."""
+    out = tmp_path / "inf"
+    r = train(resumable(demo_dir, out) + ["--save_steps", 1, "--learning_rate", 1e39], check=False)
+    ck = out / "checkpoints" / "step-1"
+    assert r.returncode == 1 and "Traceback" not in r.stderr and stderr_lines(r) == [
+        "train.py: error: step 2: the weights or optimizer state after it are not finite (inf or nan), so its "
+        "checkpoint was not written. Training stopped; try a lower --learning_rate (this run: 1e+39) or a "
+        f"smaller --max_grad_norm (this run: 1), then resume from the newest checkpoint, {ck} (--resume), or an "
+        "earlier one (--resume DIR)"], r.stderr
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-1"]
+    assert [m["step"] for m in metrics(out) if "loss" in m] == [1, 2]
+    r = train(resumable(demo_dir, out) + ["--resume"])          # the demo's learning rate again
+    assert f"resumed from {ck} at step 1/{N}" in r.stdout
+    bad = differing(final_state(out, N), final_state(ref[0], N))
+    assert not bad, f"resumed run differs from the uninterrupted one in {bad[:5]}"
+    assert_step_records(out, N)
+
+
+def skip_without_fp16():
+    try:
+        torch.ones(4, 4, dtype=torch.float16) @ torch.ones(4, 4, dtype=torch.float16)
+    except RuntimeError as e:
+        pytest.skip(f"fp16 matmul unsupported on this CPU build: {e}")
+
+
+# train.py with a patch applied first: a gradient norm that is always inf (as after an overflow), or
+# fp16 loss scaling whose floor is its start, 2^16 (the demo overflows at its first step with 2^16)
+PATCHED = {
+    "fp32": ("o.ZeroAdamW._grad_norm = lambda self: float('inf')", [],
+             "step 1: the gradient norm is inf (the step was not applied). Training stopped; try a lower "
+             "--learning_rate (this run: 0.005) or a smaller --max_grad_norm (this run: 1), then start again "
+             "(no checkpoint was written before it)"),
+    "fp16": ("o.DynamicLossScaler.__init__.__defaults__ = (2.0 ** 16, 1000, 2.0 ** 16, True)", ["--fp16"],
+             " with the fp16 loss scale at its floor, 65536 (the step was not applied). Training stopped; try a "
+             "lower --learning_rate (this run: 0.005), a smaller --max_grad_norm (this run: 1) or --bf16 (or "
+             "--fp32), then start again (no checkpoint was written before it)"),
+}
+
+
+@pytest.mark.parametrize("case", PATCHED)
+def test_nonfinite_gradient_norm_stops(case, demo_dir, tmp_path):
+    """A step whose gradient norm is not finite is skipped by the optimizer; in bf16/fp32 the run then
+    stops. In fp16 such a step is an overflow: skipped, the loss scale halved, training goes on
+    (test_fp16_on_cpu); only with the scale already at its floor does the run stop the same way."""
+    if case == "fp16":
+        skip_without_fp16()
+    patch, flags, message = PATCHED[case]
+    out = tmp_path / case
+    code = (f"import runpy, sys; import phi3v.optim as o; {patch}; "
+            "sys.argv = ['train.py', *sys.argv[1:]]; runpy.run_path('train.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code, *map(str, common(demo_dir, out, steps=2) + flags)],
+                       cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    lines = stderr_lines(r)
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    if case == "fp32":
+        assert lines[0] == "train.py: error: " + message
+    else:       # the norm is inf or nan
+        assert lines[0].startswith("train.py: error: step 1: the gradient norm is ") and lines[0].endswith(message), \
+            lines[0]
+    assert not [m for m in metrics(out) if "loss" in m] and not (out / "checkpoints").exists()
+
+
+def test_second_run_on_the_same_output_dir_is_refused(demo_dir, ref, tmp_path):
+    """A second train.py on the output_dir of a running one stops at once, in one line naming the
+    directory and the other run, and touches nothing; the first ends bitwise as a lone run (ref). The
+    first is held stopped (SIGSTOP) while the second runs, so nothing depends on timing."""
+    out, log = tmp_path / "out", tmp_path / "first.log"
+    args = resumable(demo_dir, out) + ["--merge"]        # the ref run's arguments
+    p = start(args, log)
+    try:
+        while True:           # until the first run holds the lock (its lock file names it)
+            try:
+                owner = json.loads((out / ".lock").read_text())
+                if owner["pid"] == p.pid:
+                    break
+            except (OSError, ValueError):
+                pass
+            assert p.poll() is None, log.read_text()[-4000:]
+            time.sleep(0.01)
+        os.killpg(p.pid, signal.SIGSTOP)
+        files = {f: f.read_bytes() if f.is_file() else None for f in out.rglob("*")}
+        r = train(args, check=False)
+        assert r.returncode == 1 and stderr_lines(r) == [
+            f"train.py: error: --output_dir {out} is in use by another run (pid {p.pid} on host {owner['host']}, "
+            f"started {owner['started']}); wait for that run to end or choose another --output_dir"], r.stderr
+        assert {f: f.read_bytes() if f.is_file() else None for f in out.rglob("*")} == files, "second run wrote"
+        os.killpg(p.pid, signal.SIGCONT)
+        assert p.wait(timeout=600) == 0, log.read_text()[-4000:]
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    bad = differing(final_state(out, N), final_state(ref[0], N))
+    assert not bad, f"the first run differs from a lone one in {bad[:5]}"
+    assert_step_records(out, N)
+    assert [m["eval"] for m in metrics(out) if "eval" in m] == ["before", "after"]
+    assert not (out / ".lock").exists()
+
+
+def test_truncate_metrics_writes_strict_json(tmp_path):
+    """A resumed run rewrites metrics.jsonl up to its step: a NaN an older version wrote becomes null,
+    other records stay byte for byte, a line cut by a kill and later steps go."""
+    path = tmp_path / "metrics.jsonl"
+    good = json.dumps({"step": 2, "loss": 0.1 + 0.2, "lr": 1e-4, "grad_norm": None, "eval": "é"})
+    path.write_text('{"step": 1, "loss": NaN, "grad_norm": Infinity}\n' + good + '\n{"step": 3}\n{"step": 4, "lo')
+    train_py.truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": null, "grad_norm": null}\n' + good + "\n"
 
 
 def test_two_ranks_match_one_rank(ref, ref2):
@@ -374,10 +523,7 @@ def test_bf16_on_cpu_with_progress_bar(demo_dir, tmp_path):
 
 
 def test_fp16_on_cpu(demo_dir, tmp_path):
-    try:
-        torch.ones(4, 4, dtype=torch.float16) @ torch.ones(4, 4, dtype=torch.float16)
-    except RuntimeError as e:
-        pytest.skip(f"fp16 matmul unsupported on this CPU build: {e}")
+    skip_without_fp16()
     out = tmp_path / "fp16"
     train(common(demo_dir, out, steps=2) + ["--fp16"])
     recs = assert_step_records(out, 2)      # strict JSON: an overflowed step has grad_norm null
@@ -441,7 +587,7 @@ def test_bad_cli_input_one_line_no_traceback(demo_dir, tmp_path):
     (tmp_path / "images").symlink_to(demo_dir / "data" / "images")
     noimg = tmp_path / "noimg.jsonl"
     noimg.write_text(good + "\n" + good.replace("train/", "nowhere/") + "\n")
-    m = ["--model", demo_dir / "model", "--output_dir", tmp_path / "o", "--no_tqdm", "--num_workers", 0]
+    m = ["--model", demo_dir / "model", "--no_tqdm", "--num_workers", 0]
     cases = {   # name: (argv, extra env, what the message must contain)
         "unknown task": (["--task", "nope"], {}, "nope"),
         "ucf101 without data": (["--task", "ucf101"], {}, "--data_dir"),
@@ -451,8 +597,11 @@ def test_bad_cli_input_one_line_no_traceback(demo_dir, tmp_path):
         "bf16 and fp16": (["--bf16", "--fp16"], {}, "fp16"),
         "batch vs micro": (["--batch_size", 5, "--micro_batch_size", 2], {}, "divisible"),
         "batch vs world": (["--batch_size", 2, "--micro_batch_size", 2], {"WORLD_SIZE": "2"}, "world size 2"),
-        "malformed jsonl": (["--task", "jsonl", "--train_file", bad, *m], {}, f"{bad}:2"),
-        "missing image": (["--task", "jsonl", "--train_file", noimg, *m], {}, f"{noimg}:2"),
+        # (run at once, so each in an output_dir of its own: one run per output_dir)
+        "malformed jsonl": (["--task", "jsonl", "--train_file", bad, *m, "--output_dir", tmp_path / "o1"], {},
+                            f"{bad}:2"),
+        "missing image": (["--task", "jsonl", "--train_file", noimg, *m, "--output_dir", tmp_path / "o2"], {},
+                          f"{noimg}:2"),
     }
     procs = {name: subprocess.Popen(command([str(a) for a in argv]), cwd=REPO, env={**ENV, **env},
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
