@@ -30,7 +30,7 @@ from phi3v import Phi3V, Processor, cli, dist, memory
 from phi3v.checkpoint import (complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                               verify_checkpoint)
 from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate, to_device
-from phi3v.evaluate import evaluate, load_eval_records
+from phi3v.evaluate import evaluate, load_eval_records, write_predictions
 from phi3v.finetune import prepare
 from phi3v.jsonfile import write_atomic, write_text_atomic
 from phi3v.lora import load_adapter, merge_lora, save_adapter
@@ -549,7 +549,7 @@ def write_eval(out: Path, before: dict | None, after: dict | None) -> None:
 
 def eval_after(out: Path, run_eval, before: dict | None, step: int, log) -> None:
     """The evaluation after training (collective), into eval.json and metrics.jsonl."""
-    after = run_eval()
+    after = run_eval("after")
     log(f"eval after: {summary(after)}")
     if dist.is_main():
         write_eval(out, before, after)
@@ -632,13 +632,22 @@ def export(cfg: TrainConfig, model: Phi3V, proc: Processor, history: list, log) 
 
 # ------------------------------------------------------------------------------------------------
 def make_evaluator(cfg: TrainConfig, model: Phi3V, proc: Processor):
-    """`run_eval()` -> scores of the eval split with this run's settings (None without an eval file)."""
+    """`run_eval(when)` -> scores of the eval split with this run's settings (None without an eval
+    file); every record's prediction goes to output_dir/predictions/<when>.jsonl (rank 0; `when`:
+    "before", "step-N", "after", "eval_only"), before the caller records the scores."""
     if not cfg.eval_file:
         return None
     records = load_eval_records(cfg.eval_file, cfg.max_eval_samples)
-    return functools.partial(evaluate, model, proc, records, Path(cfg.eval_file).parent / "images",
-                             batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                             with_anls=TASKS[cfg.task].anls, progress=progress_bar(cfg, "eval"))
+
+    def run_eval(when: str) -> dict:
+        res = evaluate(model, proc, records, Path(cfg.eval_file).parent / "images", batch_size=cfg.eval_batch_size,
+                       max_new_tokens=cfg.max_new_tokens, with_anls=TASKS[cfg.task].anls,
+                       num_workers=cfg.num_workers, progress=progress_bar(cfg, f"eval {when}"))
+        predictions = res.pop("predictions")
+        if dist.is_main():
+            write_predictions(cfg.output_dir, when, predictions)
+        return res
+    return run_eval
 
 
 def summary(res: dict) -> str:
@@ -664,10 +673,10 @@ def main(cfg: TrainConfig) -> None:
     if cfg.eval_only:
         if run_eval is None:
             raise ValueError("--eval_only needs an eval split (--eval_file or the preset's val file)")
-        res = run_eval()
+        res = run_eval("eval_only")
         if main_rank:   # nothing is trained: the model before and after is the one evaluated
             write_eval(out, res, res)
-            log(f"eval: {summary(res)} -> {eval_path}")
+            log(f"eval: {summary(res)} -> {eval_path}, {out / 'predictions' / 'eval_only.jsonl'}")
         return dist.cleanup()
 
     train_ds = load_train_data(cfg, proc, log)
@@ -693,7 +702,7 @@ def main(cfg: TrainConfig) -> None:
     # the eval before training runs once; a resumed run keeps it from eval.json
     before = json.loads(eval_path.read_text()).get("before") if start_step and eval_path.exists() else None
     if run_eval and before is None:
-        before = run_eval()
+        before = run_eval("before")
         log(f"eval before: {summary(before)}")
         if main_rank:
             write_eval(out, before, None)
