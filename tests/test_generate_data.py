@@ -38,7 +38,7 @@ def data_dir(demo_dir: Path, tmp: Path) -> Path:
 
 
 def varied_records(demo_dir: Path) -> list[dict]:
-    """12 records of different prompt lengths (1..8 frames, longer or shorter questions, a 2-turn
+    """12 records of different prompt lengths (1..4 frames, longer or shorter questions, a 2-turn
     conversation, one without images), shuffled so that input order and length order differ."""
     src = [json.loads(line) for f in ("ucf101_train.jsonl", "ucf101_val.jsonl")
            for line in (demo_dir / "data" / f).read_text().splitlines()]
@@ -46,8 +46,8 @@ def varied_records(demo_dir: Path) -> list[dict]:
     out = []
     for k, rec in enumerate(src):
         turn = rec["conversations"][0]
-        frames = turn["images"][:1 + (k * 5) % 8]
-        user = turn["user"] + " Think." * (k % 3)
+        frames = turn["images"][:1 + k % 4]
+        user = turn["user"] + " Think." * (k // 4)
         out.append({"id": f"r{k:02d}", "source": "demo",
                     "conversations": [{"images": frames, "user": user, "assistant": f"answer-{k}"}]})
     out[3]["conversations"] = [{"images": src[3]["conversations"][0]["images"][:2], "user": "What moves?",

@@ -468,12 +468,13 @@ def test_preset_runs(task, demo_dir, preset_data, tmp_path):
     ev = json.loads((out / "eval.json").read_text())
     for when in ("before", "after"):
         assert 0.0 <= ev[when]["accuracy"] <= 1.0 and ev[when]["n"] == 2
-        # every evaluated record's answer, in input order; eval.json's examples are the first of them
+        # the predictions file of every preset; DocVQA's lines carry ANLS too
         preds = predictions(out / "predictions" / f"{when}.jsonl")
-        assert [p["id"] for p in preds] == val_ids(demo_dir, 2)
-        assert all(set(p) == {"id", "prediction", "answers", "correct"} for p in preds)
+        eval_file = data[-1] if task == "jsonl" else preset_data / task / f"{task}_val.jsonl"
+        assert [p["id"] for p in preds] == [json.loads(line)["id"] for line in eval_file.read_text().splitlines()[:2]]
+        assert all(set(p) == {"id", "prediction", "answers", "correct"} | ({"anls"} if task == "docvqa" else set())
+                   for p in preds)
         assert preds == ev[when]["examples"]
-        assert ev[when]["accuracy"] == sum(p["correct"] for p in preds) / 2
         assert ("anls" in ev[when]) == (task == "docvqa")
         if task == "docvqa":
             assert 0.0 <= ev[when]["anls"] <= 1.0
