@@ -29,17 +29,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from phi3v import Phi3V, Processor, demo, load_adapter, merge_lora           # noqa: E402
-from phi3v.evaluate import PromptDataset, answer_batches, length_batches, plan_prompts, read_records  # noqa: E402
+from phi3v.evaluate import PromptBatches, answer_batches, length_batches, plan_prompts, read_records  # noqa: E402
 
 
 def ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 
 
-def one_pass(model, proc, dataset, batches, max_new_tokens: int, workers: int) -> float:
+def one_pass(model, proc, prompts, images_dir, batches, max_new_tokens: int, workers: int) -> float:
     t0 = time.perf_counter()
     n = 0
-    for done in answer_batches(model, proc, dataset, batches, max_new_tokens=max_new_tokens, num_workers=workers):
+    for done in answer_batches(model, proc, PromptBatches(proc, prompts, images_dir, batches),
+                               max_new_tokens=max_new_tokens, num_workers=workers):
         n += len(done)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
@@ -76,19 +77,20 @@ def main() -> None:
         merge_lora(model)
     proc = Processor.from_pretrained(a.adapter if a.adapter and (Path(a.adapter) / "tokenizer.json").exists()
                                      else model_dir)
+    images_dir = data.parent / "images"
     records, _ = read_records(data, unanswered=True)
-    prompts, _ = plan_prompts(proc, records, data.parent / "images")
-    dataset = PromptDataset(proc, prompts, data.parent / "images")
+    prompts, _ = plan_prompts(proc, records, images_dir)
     lengths = [q.length for q in prompts]
-
-    common = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "samples": len(dataset),
+    n = len(prompts)
+    common = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "samples": n,
               "max_new_tokens": a.max_new_tokens, "threads": torch.get_num_threads()}
     # warm-up: one untimed pass (page cache, allocator, CUDA kernels), then preprocessing alone
-    one_pass(model, proc, dataset, length_batches(lengths, 1), a.max_new_tokens, 0)
+    one_pass(model, proc, prompts, images_dir, length_batches(lengths, 1), a.max_new_tokens, 0)
+    ones = PromptBatches(proc, prompts, images_dir, length_batches(lengths, 1))
     t0 = time.perf_counter()
-    for i in range(len(dataset)):
-        dataset[i]
-    prep = (time.perf_counter() - t0) / len(dataset)
+    for k in range(len(ones)):
+        ones[k]
+    prep = (time.perf_counter() - t0) / n
     print(json.dumps({**common, "preprocess_ms_per_sample": round(1e3 * prep, 2),
                       "prompt_tokens": [min(lengths), max(lengths)]}), flush=True)
     # the configurations take turns, pass by pass, so a change in the machine's load hits all alike
@@ -96,12 +98,12 @@ def main() -> None:
     best = {c: float("inf") for c in configs}
     for _ in range(a.repeats):
         for bs, w in configs:
-            best[bs, w] = min(best[bs, w], one_pass(model, proc, dataset, length_batches(lengths, bs),
+            best[bs, w] = min(best[bs, w], one_pass(model, proc, prompts, images_dir, length_batches(lengths, bs),
                                                     a.max_new_tokens, w))
     base = best[configs[0]]
     for (bs, w), sec in best.items():
         print(json.dumps({**common, "batch_size": bs, "num_workers": w, "seconds": round(sec, 3),
-                          "samples_per_s": round(len(dataset) / sec, 2), "ms_per_sample": round(1e3 * sec / len(dataset), 1),
+                          "samples_per_s": round(n / sec, 2), "ms_per_sample": round(1e3 * sec / n, 1),
                           f"speedup_vs_bs{configs[0][0]}_w{configs[0][1]}": round(base / sec, 2)}), flush=True)
     tmp.cleanup()
 

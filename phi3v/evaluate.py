@@ -8,13 +8,13 @@ One engine answers records for both the evaluation during training (`evaluate`) 
     batch, with the same padding, however many ranks share the work or where a run was resumed;
   * rank r answers batches r, r + W, ...; after each round every rank's results are gathered
     and put back in input order by their index;
-  * images are decoded and preprocessed by DataLoader workers while the model generates, and a
-    batch stops as soon as each of its rows has finished (Phi3V.generate).
+  * images are decoded and preprocessed by DataLoader workers while the model generates, straight
+    into one pixel buffer per batch (PromptBatches), and a batch stops as soon as each of its rows
+    has finished (Phi3V.generate).
 Each record gets one answer, for its last turn, with the earlier turns as history (`eval_inputs`).
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from PIL import Image
 from . import dist
 from .data import load_image
 from .jsonfile import write_text_atomic
+from .config import CROP
 from .processor import IMAGE_TAG, Processor, num_image_tokens, user_content
 from .schema import jsonl_lines, parse_line, validate_record
 
@@ -121,13 +122,14 @@ def conversation_prompt(proc: Processor, rec: dict) -> tuple[str, list[str]]:
     return proc.apply_chat_template(msgs, add_generation_prompt=True), images
 
 
-def eval_inputs(proc: Processor, rec: dict, images_dir: Path, where: str) -> dict:
-    """The processor's encoding of `conversation_prompt` with the images decoded, plus "id" and
-    "answers" (`reference_answers`)."""
+def eval_inputs(proc: Processor, rec: dict, images_dir: Path, where: str,
+                pixel_values_out: torch.Tensor | None = None) -> dict:
+    """The processor's encoding of `conversation_prompt` with the images decoded (their crops
+    written into `pixel_values_out` if given), plus "id" and "answers" (`reference_answers`)."""
     prompt, rels = conversation_prompt(proc, rec)
     images = [load_image(image_file(images_dir, rel, where), f"{where}: image {rel!r}") for rel in rels]
     try:
-        enc = proc(prompt, images or None)
+        enc = proc(prompt, images or None, pixel_values_out=pixel_values_out if images else None)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
     enc["answers"] = reference_answers(rec, where)
@@ -205,32 +207,12 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
 # prompts -> answers
 
 
-class PromptDataset(torch.utils.data.Dataset):
-    """prompts[i] -> its `eval_inputs` encoding (images decoded and preprocessed here, i.e. in a
-    DataLoader worker) + "index": i. With `skip_bad` a record that fails gives {"index", "skipped"}."""
-
-    def __init__(self, proc: Processor, prompts: list[Prompt], images_dir: Path, skip_bad: bool = False):
-        self.proc, self.prompts, self.images_dir, self.skip_bad = proc, prompts, Path(images_dir), skip_bad
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def __getitem__(self, i: int) -> dict:
-        p = self.prompts[i]
-        try:
-            enc = eval_inputs(self.proc, p.rec, self.images_dir, p.where)
-            if enc["input_ids"].shape[1] != p.length:
-                raise ValueError(f"{p.where}: the prompt has {enc['input_ids'].shape[1]} tokens, {p.length} were "
-                                 "counted from the image headers (image changed on disk?)")
-        except ValueError as e:
-            if not self.skip_bad:
-                raise
-            return {"index": i, "skipped": str(e)}
-        enc["index"] = i
-        return enc
+def n_images(rec: dict) -> int:
+    return sum(len(turn["images"]) for turn in rec["conversations"])
 
 
-def left_pad(batch: list[dict], pad_id: int) -> dict:
+def left_pad(batch: list[dict], pad_id: int, pixel_values: torch.Tensor | None = None) -> dict:
+    """Encodings -> one left-padded batch; pixel_values concatenated unless given (already batched)."""
     t = max(e["input_ids"].shape[1] for e in batch)
     ids = torch.full((len(batch), t), pad_id, dtype=torch.long)
     mask = torch.zeros(len(batch), t, dtype=torch.long)
@@ -239,37 +221,89 @@ def left_pad(batch: list[dict], pad_id: int) -> dict:
         ids[i, t - n:], mask[i, t - n:] = e["input_ids"][0], 1
     pv = [e["pixel_values"] for e in batch if "pixel_values" in e]
     sz = [e["image_sizes"] for e in batch if "image_sizes" in e]
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pv) if pv else None,
+    if pixel_values is None and pv:
+        pixel_values = torch.cat(pv)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixel_values,
             "image_sizes": torch.cat(sz) if sz else None}
 
 
-def collate_prompts(encs: list[dict], pad_id: int) -> dict:
-    """A batch of PromptDataset items -> the left-padded inputs (None if every item was skipped),
-    (index, id, answers) of each row, and the (index, reason) of each skipped item."""
-    ok = [e for e in encs if "skipped" not in e]
-    return {"inputs": left_pad(ok, pad_id) if ok else None, "rows": [(e["index"], e["id"], e["answers"]) for e in ok],
-            "skipped": [(e["index"], e["skipped"]) for e in encs if "skipped" in e]}
+class PromptBatches(torch.utils.data.Dataset):
+    """Item k = batch k of `batches` (lists of prompt indices), built where the DataLoader runs it (a
+    worker process when there are any): every image decoded and preprocessed straight into one pixel
+    buffer of the batch (in shared memory in a worker), so nothing is copied to batch the samples or
+    to send the batch (pixel values are megabytes per image, and fresh memory costs page faults), and
+    the prompts left-padded. Returns {"inputs": model inputs or None, "rows": [(index, id, answers)],
+    "skipped": [(index, reason)]}: with `skip_bad` a record that fails is left out and listed."""
+
+    def __init__(self, proc: Processor, prompts: list[Prompt], images_dir: Path, batches: list[list[int]],
+                 skip_bad: bool = False):
+        self.proc, self.prompts, self.images_dir = proc, prompts, Path(images_dir)
+        self.batches, self.skip_bad = batches, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def pixel_buffer(self, n: int) -> torch.Tensor | None:
+        """float32 [n, C+1, 3, 336, 336], in shared memory inside a DataLoader worker (as torch's
+        default_collate allocates its output there, so sending it to the main process copies nothing)."""
+        if n == 0:
+            return None
+        shape = (n, self.proc.num_crops + 1, 3, CROP, CROP)
+        if torch.utils.data.get_worker_info() is None:
+            return torch.empty(shape)
+        return torch.empty(0).set_(torch.UntypedStorage._new_shared(math.prod(shape) * 4), 0, shape)
+
+    def __getitem__(self, k: int) -> dict:
+        batch = self.batches[k]
+        counts = [n_images(self.prompts[i].rec) for i in batch]
+        pixels = self.pixel_buffer(sum(counts))
+        encs, rows, skipped, kept = [], [], [], []
+        start = 0
+        for i, n in zip(batch, counts):
+            p = self.prompts[i]
+            try:
+                enc = eval_inputs(self.proc, p.rec, self.images_dir, p.where,
+                                  pixels[start:start + n] if n else None)
+                if enc["input_ids"].shape[1] != p.length:
+                    raise ValueError(f"{p.where}: the prompt has {enc['input_ids'].shape[1]} tokens, {p.length} "
+                                     "were counted from the image headers (image changed on disk?)")
+            except ValueError as e:
+                if not self.skip_bad:
+                    raise
+                skipped.append((i, str(e)))
+            else:
+                encs.append(enc)
+                rows.append((i, enc["id"], enc["answers"]))
+                kept += range(start, start + n)
+            start += n
+        if not encs:
+            return {"inputs": None, "rows": [], "skipped": skipped}
+        if pixels is not None and len(kept) < len(pixels):       # a record with images was skipped
+            pixels = pixels[kept] if kept else None
+        return {"inputs": left_pad(encs, self.proc.pad_token_id, pixels), "rows": rows, "skipped": skipped}
 
 
-def answer_batches(model, proc: Processor, dataset: PromptDataset, batches: list[list[int]], *,
-                   max_new_tokens: int = 64, num_workers: int = 0):
-    """Greedy answers to `batches` (lists of dataset indices). Rank r answers batches r, r + W, ...;
-    yields after each round of W batches every rank's results of that round, on every rank:
-    {"index", "id", "prediction", "answers"} per answered record, {"index", "skipped"} per record
-    that failed (PromptDataset with skip_bad). Collective under torchrun: every rank iterates."""
+def _as_is(batch: dict) -> dict:
+    return batch        # PromptBatches' items are whole batches already
+
+
+def answer_batches(model, proc: Processor, dataset: PromptBatches, *, max_new_tokens: int = 64, num_workers: int = 0):
+    """Greedy answers to every batch of `dataset`. Rank r answers batches r, r + W, ...; yields after
+    each round of W batches every rank's results of that round, on every rank: {"index", "id",
+    "prediction", "answers"} per answered record, {"index", "skipped"} per record left out
+    (PromptBatches with skip_bad). Collective under torchrun: every rank iterates to the end."""
     world, rank = dist.world_size(), dist.rank()
-    mine = batches[rank::world]
-    device = model.device
+    mine = list(range(rank, len(dataset), world))
     # own generator: iter(loader) draws a seed, which must not advance the global RNG (train.py's dropout)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=mine, collate_fn=functools.partial(collate_prompts, pad_id=proc.pad_token_id),
-        num_workers=num_workers, pin_memory=device.type == "cuda", prefetch_factor=2 if num_workers else None,
+        dataset, batch_size=None, sampler=mine, collate_fn=_as_is, num_workers=num_workers,
+        pin_memory=model.device.type == "cuda", prefetch_factor=2 if num_workers else None,
         generator=torch.Generator())
     batch_iter = iter(loader) if mine else iter(())
     was_training = model.training
     model.eval()
     try:
-        for _ in range(math.ceil(len(batches) / world)):
+        for _ in range(math.ceil(len(dataset) / world)):
             out = []
             b = next(batch_iter, None)       # None: this rank has no batch in the last round
             if b is not None and b["inputs"] is not None:
@@ -333,7 +367,7 @@ def evaluate(model, proc: Processor, records: list[tuple[str, dict]], images_dir
     batches = length_batches([p.length for p in prompts], batch_size)
     results = [None] * len(prompts)
     bar = progress(total=len(prompts), unit="sample") if progress else None
-    for done in answer_batches(model, proc, PromptDataset(proc, prompts, images_dir), batches,
+    for done in answer_batches(model, proc, PromptBatches(proc, prompts, images_dir, batches),
                                max_new_tokens=max_new_tokens, num_workers=num_workers):
         for r in done:
             results[r["index"]] = r          # input order, whichever rank answered it

@@ -31,7 +31,7 @@ import torch
 
 from . import cli, dist, hf
 from .config import Phi3VConfig
-from .evaluate import (PromptDataset, answer_batches, dump_line, length_batches, plan_prompts, prediction_line,
+from .evaluate import (PromptBatches, answer_batches, dump_line, length_batches, plan_prompts, prediction_line,
                        read_records, reference_answers, score)
 from .jsonfile import write_text_atomic
 from .lora import load_adapter, merge_lora
@@ -237,9 +237,9 @@ def answer_dataset(a, device: torch.device) -> None:
             f"({dist.world_size()} rank(s), {device}, {a.num_workers} data-loader workers)")
         t0, n_done = time.time(), 0
         progress = bar(total=n_todo, desc="answering", unit="sample", dynamic_ncols=True) if bar else None
-        dataset = PromptDataset(proc, prompts, images_dir, skip_bad=a.skip_bad_records)
+        dataset = PromptBatches(proc, prompts, images_dir, todo, skip_bad=a.skip_bad_records)
         with open(out, "a", encoding="utf-8", newline="\n") if main else open(os.devnull, "w") as f:
-            for results in answer_batches(model, proc, dataset, todo, max_new_tokens=a.max_new_tokens,
+            for results in answer_batches(model, proc, dataset, max_new_tokens=a.max_new_tokens,
                                           num_workers=a.num_workers):
                 new = [r for r in results if "skipped" not in r]
                 for r in results:

@@ -4,15 +4,15 @@ uninterrupted run; records without answers; the DocVQA submission; bad input as 
 The demo's tiny untrained model (its answers differ from record to record), 3 new tokens."""
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+from PIL import Image
 
 from helpers import ENV, REPO, free_port, kill_when
 
@@ -350,3 +350,34 @@ def test_data_arguments(demo_dir, tmp_path, capsys):
     with pytest.raises(ValueError, match=rf"^{other}:1: id 'elsewhere' is not a record of --data"):
         generate_cli.main(args(demo_dir, data, other))
     assert other.read_text() == '{"id": "elsewhere", "prediction": "x"}\n'
+
+
+def test_image_that_fails_to_decode_in_a_batch(demo_dir, tmp_path, capsys):
+    """An image whose header reads but whose data is cut: one line naming file:line (from inside a
+    data-loader worker), or with --skip_bad_records the record is left out of its batch and the
+    other rows get the answers they get in a batch without it."""
+    src = [json.loads(line) for line in (demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()[:3]]
+    d = tmp_path / "data"
+    for r in src:
+        r["conversations"][0]["images"] = r["conversations"][0]["images"][:2]
+        for rel in r["conversations"][0]["images"]:
+            (d / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / "images" / rel).write_bytes((demo_dir / "data" / "images" / rel).read_bytes())
+    # a PNG cut in its image data: the header (size) reads, decoding fails
+    frame = d / "images" / src[1]["conversations"][0]["images"][0]
+    buf = io.BytesIO()
+    Image.open(frame).save(buf, format="PNG")
+    cut = frame.with_suffix(".png")
+    cut.write_bytes(buf.getvalue()[:len(buf.getvalue()) * 2 // 3])
+    src[1]["conversations"][0]["images"][0] = cut.relative_to(d / "images").as_posix()
+    data = write_jsonl(d / "cut.jsonl", src)
+    with pytest.raises(ValueError) as e:
+        generate_cli.main(args(demo_dir, data, d / "p.jsonl", "--num_workers", 1))
+    from phi3v.cli import message
+    assert message(e.value).startswith(f"{data}:2: image '{src[1]['conversations'][0]['images'][0]}': cannot decode")
+    out = d / "skip.jsonl"
+    assert generate_cli.main(args(demo_dir, data, out, "--num_workers", 1, "--skip_bad_records")) == 0
+    assert f"skipped (--skip_bad_records): {data}:2: image" in capsys.readouterr().out
+    without = write_jsonl(d / "without.jsonl", [src[0], src[2]])
+    assert generate_cli.main(args(demo_dir, without, d / "ref.jsonl")) == 0
+    assert out.read_bytes() == (d / "ref.jsonl").read_bytes() and len(lines_of(out)) == 2
