@@ -156,9 +156,9 @@ def prompt_length(proc: Processor, rec: dict, images_dir: Path, where: str) -> i
         try:
             with Image.open(p) as im:
                 w, h = im.size
+            counts.append(num_image_tokens(w, h, proc.num_crops))
         except Exception as e:
             raise ValueError(f"{where}: cannot open image {rel!r}: {e}") from None
-        counts.append(num_image_tokens(w, h, proc.num_crops))
     # every chunk between tags is tokenized with its own BOS; tag k is image k's run of placeholders
     n = sum(len(proc.encode(chunk, add_special_tokens=True)) for chunk in IMAGE_TAG.split(prompt))
     tags = [int(t[len("<|image_"):-len("|>")]) for t in IMAGE_TAG.findall(prompt)]

@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="with --data: the predictions jsonl; ids already in it are kept (resume)")
     p.add_argument("--images_dir", help="with --data: where the records' image paths point (default: images/ "
                                         "beside --data)")
-    p.add_argument("--batch_size", type=cli.positive_int, default=8,
+    p.add_argument("--batch_size", type=cli.positive_int, default=None,
                    help="with --data: prompts per generate call (records sorted by prompt length; default 8)")
     p.add_argument("--num_workers", type=cli.non_negative_int, default=None,
                    help="with --data: data-loader processes decoding images while the model generates (default: 2 "
@@ -335,10 +335,11 @@ def main(argv=None) -> int:
             p.error(f"--out {a.out} is the --data file itself")
         if a.images_dir and not Path(a.images_dir).is_dir():
             p.error(f"--images_dir {a.images_dir}: no such directory")
-    else:
-        for flag in ("out", "images_dir", "format"):
-            if getattr(a, flag):
+    else:      # refused rather than silently ignored
+        for flag in ("out", "images_dir", "format", "batch_size", "num_workers", "skip_bad_records"):
+            if getattr(a, flag) is not None and getattr(a, flag) is not False:     # 0 workers is given too
                 p.error(f"--{flag} goes with --data")
+    a.batch_size = a.batch_size or 8
     if a.max_new_tokens is None:
         a.max_new_tokens = 64 if a.data else 256
     if a.adapter and not Path(a.adapter).is_dir():

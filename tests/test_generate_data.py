@@ -337,6 +337,8 @@ def test_data_arguments(demo_dir, tmp_path, capsys):
         "out is data": (base + ["--data", str(data), "--out", str(data)], "is the --data file itself"),
         "no such data": (base + ["--data", str(d / "nope.jsonl"), "--out", str(d / "o.jsonl")], "no such file"),
         "out without data": (base + ["--prompt", "x", "--out", str(d / "o.jsonl")], "--out goes with --data"),
+        "batch without data": (base + ["--prompt", "x", "--batch_size", "4"], "--batch_size goes with --data"),
+        "workers without data": (base + ["--prompt", "x", "--num_workers", "0"], "--num_workers goes with --data"),
         "batch 0": (base + ["--data", str(data), "--out", str(d / "o.jsonl"), "--batch_size", "0"], "--batch_size"),
     }
     for name, (argv, expect) in cases.items():
