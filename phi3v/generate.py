@@ -267,7 +267,8 @@ def answer_dataset(a, device: torch.device) -> None:
     if any(r["answers"] is not None for r in results):
         res = score(results, with_anls)
         log(f"accuracy {res['accuracy']:.4f}" + (f", ANLS {res['anls']:.4f}" if with_anls else "")
-            + f" over the {res['n']} records with answers" + (f" (of {len(results)})" if res["n"] < len(results) else ""))
+            + f" over the {res['n']} records with answers"
+            + (f" (of {len(results)})" if res["n"] < len(results) else ""))
         write_if_changed(sidecar(out, "metrics"), json.dumps(res, indent=2) + "\n")
     else:
         log("no record has a reference answer: nothing to score")

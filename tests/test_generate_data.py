@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import ENV, REPO, free_port, kill_when
+from helpers import ENV, REPO, kill_when
 
 from phi3v import Phi3V, Processor
 from phi3v import generate as generate_cli
@@ -35,6 +35,10 @@ def data_dir(demo_dir: Path, tmp: Path) -> Path:
     if not (tmp / "images").exists():
         (tmp / "images").symlink_to(demo_dir / "data" / "images")
     return tmp
+
+
+def first_val(demo_dir: Path) -> dict:
+    return json.loads((demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()[0])
 
 
 def varied_records(demo_dir: Path) -> list[dict]:
@@ -74,8 +78,9 @@ def run(argv: list[str], nproc: int = 1, check: bool = True) -> subprocess.Compl
     if nproc == 1:
         cmd = [sys.executable, "-m", "phi3v.generate", *argv]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={free_port()}", "-m", "phi3v.generate", *argv]
+        # --standalone: torchrun picks a free port itself (no race with other runs for a port chosen here)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "phi3v.generate", *argv]
     p = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
     if check:
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -211,7 +216,7 @@ def test_records_without_answers(demo_dir, tmp_path):
     """A test split: the last turn's answer missing, null or empty is answered and not scored
     (answers/correct null); earlier turns need theirs (the history)."""
     d = data_dir(demo_dir, tmp_path)
-    frames = json.loads((demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()[0])["conversations"][0]["images"]
+    frames = first_val(demo_dir)["conversations"][0]["images"]
     recs = [{"id": "a", "source": "demo", "conversations": [{"images": frames[:2], "user": "Which class?"}]},
             {"id": "b", "source": "demo", "conversations": [{"images": frames[:1], "user": "Q", "assistant": ""}]},
             {"id": "c", "source": "demo", "conversations": [{"images": frames[:1], "user": "Q", "assistant": "x"},
@@ -237,7 +242,7 @@ def test_records_without_answers(demo_dir, tmp_path):
 
 def test_docvqa_submission_and_anls(demo_dir, tmp_path):
     d = data_dir(demo_dir, tmp_path)
-    frames = json.loads((demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()[0])["conversations"][0]["images"]
+    frames = first_val(demo_dir)["conversations"][0]["images"]
 
     def rec(rid, k, **extra):
         return {"id": rid, "source": "docvqa", "conversations": [{"images": [frames[k]], "user": f"Question {k}?\n"
@@ -286,7 +291,7 @@ def test_bad_input_one_line_naming_file_and_line(demo_dir, tmp_path):
     f, good = bad_input_files(demo_dir, d)
     lines = f.read_text().splitlines()
     cases = {
-        "does not parse": ([0, 1], f"2: invalid JSON"),
+        "does not parse": ([0, 1], "2: invalid JSON"),
         "missing image": ([0, 2], f"2: image 'val/Ball/nope.jpg' not found (looked for {d / 'images'}"),
         "too long": ([0, 4], "2: the prompt has "),
         "repeated id": ([0, 5], f"2: id '{good[0]['id']}' repeats the one of "),
@@ -328,7 +333,7 @@ def test_skip_bad_records_lists_them_and_answers_the_rest(demo_dir, tmp_path, ca
 
 def test_data_arguments(demo_dir, tmp_path, capsys):
     d = data_dir(demo_dir, tmp_path)
-    data = write_jsonl(d / "one.jsonl", [json.loads((demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()[0])])
+    data = write_jsonl(d / "one.jsonl", [first_val(demo_dir)])
     base = ["--model", str(demo_dir / "model")]
     cases = {
         "no --out": (base + ["--data", str(data)], "--data needs --out"),

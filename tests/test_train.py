@@ -387,7 +387,8 @@ def test_eval_only_with_adapter(demo_dir, ref, tmp_path):
     assert not (out / "checkpoints").exists() and not (out / "adapter_model.safetensors").exists()
     # the predictions of --eval_only, and they are the ones of the evaluation after training
     assert sorted(p.name for p in (out / "predictions").iterdir()) == ["eval_only.jsonl"]
-    assert (out / "predictions" / "eval_only.jsonl").read_bytes() == (ref[0] / "predictions" / "after.jsonl").read_bytes()
+    assert (out / "predictions" / "eval_only.jsonl").read_bytes() == \
+        (ref[0] / "predictions" / "after.jsonl").read_bytes()
 
 
 def test_generate_data_gives_the_evaluation_predictions(demo_dir, ref, tmp_path):
@@ -396,7 +397,8 @@ def test_generate_data_gives_the_evaluation_predictions(demo_dir, ref, tmp_path)
     and its accuracy."""
     (tmp_path / "images").symlink_to(demo_dir / "data" / "images")
     data = tmp_path / "val.jsonl"
-    data.write_text("".join(line + "\n" for line in (demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()[:2]))
+    val = (demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()
+    data.write_text(val[0] + "\n" + val[1] + "\n")
     r = subprocess.run([sys.executable, "-m", "phi3v.generate", "--model", str(demo_dir / "model"), "--adapter",
                         str(ref[0]), "--data", str(data), "--out", str(tmp_path / "p.jsonl"), "--batch_size", "4",
                         "--max_new_tokens", "4", "--no_tqdm"], cwd=REPO, env=ENV, capture_output=True, text=True,
