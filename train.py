@@ -33,7 +33,7 @@ from phi3v import Phi3V, Processor, cli, dist, memory
 from phi3v.checkpoint import (complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                               verify_checkpoint)
 from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate, to_device
-from phi3v.evaluate import evaluate, load_eval_records
+from phi3v.evaluate import evaluate, load_eval_records, write_predictions
 from phi3v.finetune import prepare
 from phi3v.jsonfile import finite, json_line, write_atomic, write_text_atomic
 from phi3v.lora import load_adapter, merge_lora, save_adapter
@@ -311,10 +311,10 @@ LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_alpha_ratio", "lora_dropout")
 EVAL_FLAGS = ("eval_batch_size", "max_eval_samples", "max_new_tokens", "eval_steps", "max_generate_samples",
               "save_best", "early_stopping")
 # what --eval_only reads (main: the model as set up for the mode, the processor, the eval split, the
-# generation settings); every other flag only matters to training
+# generation settings and its data-loader workers); every other flag only matters to training
 EVAL_ONLY_READS = ("task", "data_dir", "eval_file", "output_dir", "model", "adapter", "mode", "bf16", "fp16", "fp32",
                    "tf32", "num_crops", "eval_only", "eval_batch_size", "max_eval_samples", "max_new_tokens", "tqdm",
-                   "use_flash_attention")
+                   "use_flash_attention", "num_workers")
 TRAINING_ONLY = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in EVAL_ONLY_READS)
 
 
@@ -791,9 +791,16 @@ def write_eval(out: Path, before: dict | None, after: dict | None) -> None:
 
 
 def eval_after(out: Path, run_eval, before: dict | None, step: int, record, res: dict | None = None) -> None:
-    """The evaluation after training (collective; `res`: the scores of an evaluation already made at
-    this step), into eval.json and `record(step, "after", scores)` (metrics.jsonl, trackers)."""
-    after = res if res is not None else run_eval()
+    """The evaluation after training (collective), into eval.json, predictions/after.jsonl and
+    `record(step, "after", scores)` (metrics.jsonl, trackers). `res`: the scores of the periodic
+    evaluation already made at this step, whose predictions (step-N.jsonl) are the ones after training."""
+    if res is None:
+        after = run_eval("after")
+    else:
+        after = res
+        if dist.is_main():
+            preds = out / "predictions"
+            write_atomic(preds / "after.jsonl", lambda p: shutil.copyfile(preds / f"step-{step}.jsonl", p))
     record(step, "after", after)
     if dist.is_main():
         write_eval(out, before, after)
@@ -1002,25 +1009,35 @@ def diverged(cfg: TrainConfig, step: int, what: str) -> ValueError:
 
 # ------------------------------------------------------------------------------------------------
 def make_evaluator(cfg: TrainConfig, model: Phi3V, proc: Processor, device: torch.device, log):
-    """`run_eval()` -> scores of the eval split with this run's settings (None without an eval file):
-    the task metric by generation on its first --max_generate_samples (default --max_eval_samples)
-    records and, with --eval_steps, the validation loss. Collective."""
+    """`run_eval(when)` -> scores of the eval split with this run's settings (None without an eval
+    file): the task metric by generation on its first --max_generate_samples (default
+    --max_eval_samples) records and, with --eval_steps, the validation loss. Every record's prediction
+    goes to output_dir/predictions/<when>.jsonl (rank 0; `when`: "before", "step-N", "after",
+    "eval_only"), before the caller records the scores. Collective."""
     if not cfg.eval_file:
         return None
     records = load_eval_records(cfg.eval_file, cfg.max_generate_samples or cfg.max_eval_samples)
-    generate = functools.partial(evaluate, model, proc, records, Path(cfg.eval_file).parent / "images",
-                                 batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                 with_anls=TASKS[cfg.task].anls, progress=progress_bar(cfg, "eval"))
-    if not cfg.eval_steps:
-        return generate
-    val = JsonlDataset(cfg.eval_file, proc, max_length=cfg.max_length, on_too_long="drop",
-                       on_bad_record="skip" if cfg.skip_bad_records else "error",
-                       progress=progress_bar(cfg, "indexing " + Path(cfg.eval_file).name),
-                       cache_dir=index_cache_dir(cfg))
-    n = min(len(val), cfg.max_eval_samples or len(val))
-    log(f"validation loss: {n} samples of {cfg.eval_file}, generation: {len(records)} records, "
-        f"every {cfg.eval_steps} steps")
-    return lambda: {"val_loss": validation_loss(cfg, model, val, n, proc.pad_token_id, device), **generate()}
+    val, n = None, 0
+    if cfg.eval_steps:
+        val = JsonlDataset(cfg.eval_file, proc, max_length=cfg.max_length, on_too_long="drop",
+                           on_bad_record="skip" if cfg.skip_bad_records else "error",
+                           progress=progress_bar(cfg, "indexing " + Path(cfg.eval_file).name),
+                           cache_dir=index_cache_dir(cfg))
+        n = min(len(val), cfg.max_eval_samples or len(val))
+        log(f"validation loss: {n} samples of {cfg.eval_file}, generation: {len(records)} records, "
+            f"every {cfg.eval_steps} steps")
+
+    def run_eval(when: str) -> dict:
+        res = {"val_loss": validation_loss(cfg, model, val, n, proc.pad_token_id, device)} if val else {}
+        res.update(evaluate(model, proc, records, Path(cfg.eval_file).parent / "images",
+                            batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                            with_anls=TASKS[cfg.task].anls, num_workers=cfg.num_workers,
+                            progress=progress_bar(cfg, f"eval {when}")))
+        predictions = res.pop("predictions")
+        if dist.is_main():
+            write_predictions(cfg.output_dir, when, predictions)
+        return res
+    return run_eval
 
 
 @torch.no_grad()
@@ -1072,10 +1089,10 @@ def main(cfg: TrainConfig) -> None:
     if cfg.eval_only:
         if run_eval is None:
             raise ValueError("--eval_only needs an eval split (--eval_file or the preset's val file)")
-        res = run_eval()
+        res = run_eval("eval_only")
         if main_rank:   # nothing is trained: the model before and after is the one evaluated
             write_eval(out, res, res)
-            log(f"eval: {summary(res)} -> {eval_path}")
+            log(f"eval: {summary(res)} -> {eval_path}, {out / 'predictions' / 'eval_only.jsonl'}")
         return dist.cleanup()
 
     train_ds = load_train_data(cfg, proc, log)
@@ -1102,7 +1119,7 @@ def main(cfg: TrainConfig) -> None:
     # the eval before training runs once; a resumed run keeps it from eval.json
     before = json.loads(eval_path.read_text()).get("before") if start_step and eval_path.exists() else None
     if run_eval and before is None:
-        before = run_eval()
+        before = run_eval("before")
         run_log.eval(start_step, "before", before)
         if main_rank:
             write_eval(out, before, None)
@@ -1149,7 +1166,7 @@ def main(cfg: TrainConfig) -> None:
         stop = False
         if cfg.eval_steps and (done % cfg.eval_steps == 0 or done == total_steps):
             t0 = time.time()
-            last_eval = (done, run_eval())
+            last_eval = (done, run_eval(f"step-{done}"))
             run_log.eval(done, "step", last_eval[1])
             if best is not None:
                 if best.update(done, last_eval[1]) and main_rank:

@@ -201,13 +201,19 @@ class ImageProcessor:
         out[1 + h * w:].zero_()  # padding crops are exact zeros
         return out, (H, W), tokens_for_hd_size(W, H)
 
-    def __call__(self, images) -> dict:
-        """A PIL image (or path) or a list of them -> dict of pixel_values, image_sizes, num_img_tokens."""
+    def __call__(self, images, out: torch.Tensor | None = None) -> dict:
+        """A PIL image (or path) or a list of them -> dict of pixel_values, image_sizes, num_img_tokens.
+
+        `out`, if given, is the float32 `[N, C+1, 3, 336, 336]` tensor the crops are written into
+        (and returned as pixel_values), e.g. a slice of a batch's buffer: no copy to batch them."""
         if not isinstance(images, (list, tuple)):
             images = [images]
         if len(images) == 0:
             raise ValueError("no images given")
-        pixels = torch.empty(len(images), self.num_crops + 1, 3, CROP, CROP)
+        shape = (len(images), self.num_crops + 1, 3, CROP, CROP)
+        if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32):
+            raise ValueError(f"out must be a float32 tensor {list(shape)}, got {out.dtype} {list(out.shape)}")
+        pixels = torch.empty(shape) if out is None else out
         sizes, counts = [], []
         for image, out in zip(images, pixels):  # each image writes its own [C+1, 3, 336, 336] slice
             _, size, count = self.preprocess(image, out=out)
@@ -390,9 +396,10 @@ class Processor:
 
     # --- prompt + images -----------------------------------------------------------------
 
-    def __call__(self, prompt: str, images=None) -> dict:
+    def __call__(self, prompt: str, images=None, pixel_values_out: torch.Tensor | None = None) -> dict:
         """One prompt string (+ images) -> input_ids `[1, T]`, attention_mask `[1, T]`, and with
-        images pixel_values `[N, C+1, 3, 336, 336]` and image_sizes `[N, 2]`.
+        images pixel_values `[N, C+1, 3, 336, 336]` and image_sizes `[N, 2]`
+        (written into `pixel_values_out` if given: ImageProcessor's `out`).
 
         Without images the prompt is plain text (image tags included). With images, each text
         chunk between `<|image_k|>` tags is tokenized on its own with a BOS, and tag k becomes a
@@ -416,7 +423,7 @@ class Processor:
             raise ValueError(f"the prompt has {len(distinct)} distinct image tags but "
                              f"{len(images)} images were given")
 
-        enc = self.image_processor(images)
+        enc = self.image_processor(images, out=pixel_values_out)
         # one encode per chunk (not encode_batch: its thread pool misbehaves in forked workers)
         chunks = [self.tokenizer.encode(c).ids for c in IMAGE_TAG.split(prompt)]
         counts = enc["num_img_tokens"].tolist()

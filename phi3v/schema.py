@@ -5,8 +5,10 @@ One record per line:
      "conversations": [{"images": [path, ...], "user": str, "assistant": str}, ...]}
 Image paths are relative to the `images/` folder beside the jsonl. The user text holds no
 `<|image_k|>` tags: the training dataset puts `<|image_1|>...<|image_n|>\\n` in front of it.
-Extra top-level fields are allowed (e.g. DocVQA's "answers"). The training data pipeline,
-the evaluation and the converters (convert/) all read and write records through this module.
+Extra top-level fields are allowed (e.g. DocVQA's "answers"). Records only to be answered (a test
+split, `python -m phi3v.generate --data`) may leave the last turn's "assistant" out. The training
+data pipeline, the evaluation and the converters (convert/) all read and write records through
+this module.
 """
 import json
 
@@ -39,8 +41,12 @@ def _check_image_path(p, where: str, field: str):
         _fail(where, field, f"image path must be relative to images/ without '..', got {p!r}")
 
 
-def validate_record(obj, where: str) -> None:
-    """Raise ValueError naming `where` (file:line) and the field when `obj` is not a valid record."""
+def validate_record(obj, where: str, unanswered: bool = False) -> None:
+    """Raise ValueError naming `where` (file:line) and the field when `obj` is not a valid record.
+
+    Training needs every turn's answer. With `unanswered=True` (answering a test split) the last
+    turn's "assistant" may be missing, null or empty: nothing to score. Earlier turns still need
+    theirs: they are the conversation's history."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     for key in ("id", "source"):
@@ -55,7 +61,8 @@ def validate_record(obj, where: str) -> None:
         f = f"conversations[{t}]"
         if not isinstance(turn, dict):
             _fail(where, f, f"expected an object, got {type(turn).__name__}")
-        for key in ("images", "user", "assistant"):
+        optional = unanswered and t == len(convs) - 1
+        for key in ("images", "user") + (() if optional else ("assistant",)):
             if key not in turn:
                 _fail(where, f"{f}.{key}", "missing")
         if not isinstance(turn["images"], list):
@@ -68,8 +75,12 @@ def validate_record(obj, where: str) -> None:
         if tag:
             _fail(where, f"{f}.user", f"holds the image tag {tag.group()!r}; "
                   "tags are added by the training dataset, leave them out")
-        if not isinstance(turn["assistant"], str) or not turn["assistant"].strip():
-            _fail(where, f"{f}.assistant", f"expected a non-empty string, got {turn['assistant']!r}")
+        answer = turn.get("assistant")
+        if optional and (answer is None or (isinstance(answer, str) and not answer.strip())):
+            continue
+        if not isinstance(answer, str) or not answer.strip():
+            _fail(where, f"{f}.assistant", f"expected a non-empty string, got {answer!r}"
+                  + (" (only the last turn may be unanswered)" if unanswered and not optional else ""))
 
 
 def jsonl_lines(path):

@@ -118,3 +118,16 @@ def test_optim_step_within_1p3x_of_torch_fused():
     a timing on a shared machine."""
     ratio, out = optim_bench("--params", "50e6", "--steps", "10", "--warmup", "3")
     assert ratio <= 1.3, out
+
+
+def test_generate_bench_smoke(tmp_path):
+    """bench/generate.py on 2 generated clips: one preprocessing line, then one line per
+    (batch size, workers) with a positive samples/s."""
+    cmd = [sys.executable, str(REPO / "bench" / "generate.py"), "--n_test", "2", "--batch_sizes", "1,2",
+           "--workers", "0,1", "--max_new_tokens", "1", "--repeats", "1", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert lines[0]["preprocess_ms_per_sample"] > 0 and lines[0]["samples"] == 2
+    assert [(r["batch_size"], r["num_workers"]) for r in lines[1:]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(r["samples_per_s"] > 0 for r in lines[1:])

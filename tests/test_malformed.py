@@ -147,7 +147,7 @@ def _ignored_flag_cases(tmp: Path, afile: Path) -> dict:
                         ["--offload_optimizer", "on"], ["--offload_activations"], ["--batch_size", "64"],
                         ["--batch_size_per_gpu", "2"], ["--max_length", "4096"], ["--no-drop_too_long"],
                         ["--skip_bad_records"], ["--index_cache", "none"], ["--report_to", "none"], ["--merge"],
-                        ["--seed", "42"], ["--logging_steps", "1"], ["--num_workers", "0"],
+                        ["--seed", "42"], ["--logging_steps", "1"],
                         ["--max_generate_samples", "2"])},
     }
 

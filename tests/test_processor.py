@@ -150,6 +150,24 @@ def test_normalised_white_and_layout(processors):
     assert torch.allclose(out[0, :, 168, 50], black, atol=1e-5)       # global: left is black
 
 
+def test_pixel_values_written_into_a_given_buffer(tiny_proc):
+    """`out` / `pixel_values_out`: the crops go into (a slice of) a caller's buffer, bit-identical to
+    the processor's own tensor; a buffer of the wrong shape or dtype is refused."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 90), (80, 40))]
+    prompt = tiny_proc.apply_chat_template([{"role": "user", "content": "<|image_1|><|image_2|>\nx"}])
+    ref = tiny_proc(prompt, images)
+    c = tiny_proc.num_crops + 1
+    buf = torch.full((3, c, 3, 336, 336), 7.0)
+    enc = tiny_proc(prompt, images, pixel_values_out=buf[1:3])
+    assert enc["pixel_values"].data_ptr() == buf[1].data_ptr()
+    assert torch.equal(buf[1:3], ref["pixel_values"]) and bool((buf[0] == 7).all())
+    assert torch.equal(enc["input_ids"], ref["input_ids"]) and torch.equal(enc["image_sizes"], ref["image_sizes"])
+    for bad in (torch.empty(1, c, 3, 336, 336), torch.empty(2, c, 3, 336, 336, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="out must be a float32 tensor"):
+            tiny_proc.image_processor(images, out=bad)
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 

@@ -50,9 +50,10 @@ def ref(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref2(demo_dir, tmp_path_factory):
-    """The same run on 2 ranks (torchrun, gloo)."""
+    """The same run on 2 ranks (torchrun, gloo); its evaluations take 3 records one per batch, so
+    rank 0 answers records 0 and 2, rank 1 record 1."""
     out = tmp_path_factory.mktemp("ref2") / "out"
-    train(resumable(demo_dir, out), nproc=2)
+    train(resumable(demo_dir, out) + ["--max_eval_samples", 3, "--eval_batch_size", 1], nproc=2)
     return out
 
 
@@ -70,7 +71,15 @@ def assert_step_records(out, steps):
 
 # ---------------------------------------------------------------- outputs
 
-def test_every_promised_output(ref):
+def predictions(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def val_ids(demo_dir, n: int) -> list[str]:
+    return [json.loads(line)["id"] for line in (demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()[:n]]
+
+
+def test_every_promised_output(ref, demo_dir):
     out, r = ref
     recs = assert_step_records(out, N)
     assert recs[0]["lr"] == 0.0 and recs[1]["lr"] > 0                     # warmup starts at 0
@@ -92,6 +101,12 @@ def test_every_promised_output(ref):
     ev = json.loads((out / "eval.json").read_text())
     for when in ("before", "after"):
         assert 0.0 <= ev[when]["accuracy"] <= 1.0 and ev[when]["n"] == 2
+        # every evaluated record's answer, in input order; eval.json's examples are the first of them
+        preds = predictions(out / "predictions" / f"{when}.jsonl")
+        assert [p["id"] for p in preds] == val_ids(demo_dir, 2)
+        assert all(set(p) == {"id", "prediction", "answers", "correct"} for p in preds)
+        assert preds == ev[when]["examples"]
+        assert ev[when]["accuracy"] == sum(p["correct"] for p in preds) / 2
     with Image.open(out / "loss.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
     assert "Traceback" not in r.stderr
@@ -174,6 +189,7 @@ def test_sigkill_between_last_checkpoint_and_export_then_resume_completes(demo_d
     bad = differing(final_state(out, N), final_state(ref[0], N))
     assert not bad, f"completed run differs from the uninterrupted one in {bad[:5]}"
     assert json.loads((out / "eval.json").read_text()) == json.loads((ref[0] / "eval.json").read_text())
+    assert (out / "predictions" / "after.jsonl").read_bytes() == (ref[0] / "predictions" / "after.jsonl").read_bytes()
     assert [m.get("eval") for m in metrics(out) if "loss" not in m] == ["before", "after"]
     assert_step_records(out, N)
     for name in ("loss.png", "tokenizer.json", "preprocessor_config.json", "merged/config.json"):
@@ -217,6 +233,13 @@ def test_resume_finished_run_does_nothing(demo_dir, ref, tmp_path):
     assert "already finished" in r.stdout
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_two_rank_evaluation_predictions_in_input_order(ref2, demo_dir):
+    for when in ("before", "after"):
+        preds = predictions(ref2 / "predictions" / f"{when}.jsonl")
+        assert [p["id"] for p in preds] == val_ids(demo_dir, 3), when
+        assert preds[:5] == json.loads((ref2 / "eval.json").read_text())[when]["examples"]
 
 
 # ---------------------------------------------------------------- divergence, a second run on the output_dir
@@ -512,6 +535,28 @@ def test_eval_only_with_adapter(demo_dir, ref, tmp_path):
     for when in ("before", "after"):       # the contract's shape, also for --eval_only
         assert ev[when]["examples"] == ref_after["examples"] and ev[when]["accuracy"] == ref_after["accuracy"]
     assert not (out / "checkpoints").exists() and not (out / "adapter_model.safetensors").exists()
+    # the predictions of --eval_only, and they are the ones of the evaluation after training
+    assert sorted(p.name for p in (out / "predictions").iterdir()) == ["eval_only.jsonl"]
+    assert (out / "predictions" / "eval_only.jsonl").read_bytes() == \
+        (ref[0] / "predictions" / "after.jsonl").read_bytes()
+
+
+def test_generate_data_gives_the_evaluation_predictions(demo_dir, ref, tmp_path):
+    """`python -m phi3v.generate --data` on the eval records with the run's eval batch size and
+    max_new_tokens writes the predictions file of the evaluation after training, byte for byte,
+    and its accuracy."""
+    (tmp_path / "images").symlink_to(demo_dir / "data" / "images")
+    data = tmp_path / "val.jsonl"
+    val = (demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()
+    data.write_text(val[0] + "\n" + val[1] + "\n")
+    r = subprocess.run([sys.executable, "-m", "phi3v.generate", "--model", str(demo_dir / "model"), "--adapter",
+                        str(ref[0]), "--data", str(data), "--out", str(tmp_path / "p.jsonl"), "--batch_size", "4",
+                        "--max_new_tokens", "4", "--no_tqdm"], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "p.jsonl").read_bytes() == (ref[0] / "predictions" / "after.jsonl").read_bytes()
+    after = json.loads((ref[0] / "eval.json").read_text())["after"]
+    assert json.loads((tmp_path / "p.metrics.json").read_text()) == {"accuracy": after["accuracy"], "n": 2}
 
 
 def test_bf16_on_cpu_with_progress_bar(demo_dir, tmp_path):
@@ -572,6 +617,13 @@ def test_preset_runs(task, demo_dir, preset_data, tmp_path):
     ev = json.loads((out / "eval.json").read_text())
     for when in ("before", "after"):
         assert 0.0 <= ev[when]["accuracy"] <= 1.0 and ev[when]["n"] == 2
+        # the predictions file of every preset; DocVQA's lines carry ANLS too
+        preds = predictions(out / "predictions" / f"{when}.jsonl")
+        eval_file = data[-1] if task == "jsonl" else preset_data / task / f"{task}_val.jsonl"
+        assert [p["id"] for p in preds] == [json.loads(line)["id"] for line in eval_file.read_text().splitlines()[:2]]
+        assert all(set(p) == {"id", "prediction", "answers", "correct"} | ({"anls"} if task == "docvqa" else set())
+                   for p in preds)
+        assert preds == ev[when]["examples"]
         assert ("anls" in ev[when]) == (task == "docvqa")
         if task == "docvqa":
             assert 0.0 <= ev[when]["anls"] <= 1.0
