@@ -13,7 +13,8 @@ and answer) into --workdir, then measures each step in a fresh process, and prin
   Private_Dirty of /proc/self/smaps_rollup) after a full gc.collect() in the worker, and its RSS,
   after `--micro_batches` micro-batches (the gc writes into every inherited object's header, so its
   copy-on-write pages become private: where a long run ends up);
-- `sampler_ms_per_step`: StepSampler.micro_batches, mean over steps crossing an epoch boundary;
+- `sampler_ms_per_step`: StepSampler.micro_batches, mean over 200 steps of an epoch, and
+  `sampler_epoch_permutation_ms`: the permutation drawn once per epoch;
 - `loader_samples_per_s`: the DataLoader (train.py's: StepBatchSampler, collate, workers) over
   those micro-batches.
 The tokenizer is the real Phi-3 one from ../shared/golden/phi3-tokenizer when present (as in the
@@ -95,11 +96,14 @@ def child(args) -> dict:
     if not args.loader:
         return out
     sampler = StepSampler(ds.lengths, args.batch_size, args.micro_batch_size, seed=0)
-    first = sampler.steps_per_epoch - 5             # steps crossing an epoch boundary (a new permutation)
     t0 = time.perf_counter()
-    for step in range(first, first + 10):
+    sampler.order(1)                                 # an epoch's permutation: once per epoch
+    out["sampler_epoch_ms"] = (time.perf_counter() - t0) * 1e3
+    steps = range(sampler.steps_per_epoch, sampler.steps_per_epoch + min(200, sampler.steps_per_epoch))
+    t0 = time.perf_counter()
+    for step in steps:                               # the steps of that epoch
         sampler.micro_batches(step)
-    out["sampler_ms_per_step"] = (time.perf_counter() - t0) / 10 * 1e3
+    out["sampler_ms_per_step"] = (time.perf_counter() - t0) / len(steps) * 1e3
 
     class Probed(torch.utils.data.Dataset):
         def __len__(self):
@@ -188,6 +192,7 @@ def main() -> None:
                "worker_uss_mb": [round(w["uss_mb"], 1) for w in warm["workers"]],
                "worker_rss_mb": [round(w["rss_mb"], 1) for w in warm["workers"]],
                "sampler_ms_per_step": round(warm["sampler_ms_per_step"], 3),
+               "sampler_epoch_permutation_ms": round(warm["sampler_epoch_ms"], 1),
                "loader_samples_per_s": round(warm["loader_samples_per_s"], 1),
                "tokenizer": Path(args.tokenizer).name, "cpus": os.cpu_count()}
         print(json.dumps(row), flush=True)

@@ -69,6 +69,12 @@ def test_periodic_evaluations_best_checkpoint_and_plot(watched, demo_dir):
         assert e["val_loss"] > 0 and 0 <= e["accuracy"] <= 1 and e["n"] == 4
     assert ev[-1] == {**ev[-2], "eval": "after"}, "the evaluation at the last step is the one after training"
     assert json.loads((out / "eval.json").read_text())["after"]["val_loss"] == ev[-1]["val_loss"]
+    # every evaluation's predictions; the one at the last step is also the one after training
+    preds = out / "predictions"
+    assert sorted(p.name for p in preds.iterdir()) == ["after.jsonl", "before.jsonl", "step-2.jsonl", "step-4.jsonl"]
+    assert (preds / "after.jsonl").read_bytes() == (preds / "step-4.jsonl").read_bytes()
+    assert [json.loads(line)["id"] for line in (preds / "step-2.jsonl").read_text().splitlines()] == [
+        json.loads(line)["id"] for line in (demo_dir / "data" / "ucf101_val.jsonl").read_text().splitlines()]
     # best/ holds the adapter of the evaluation with the lowest validation loss, with best.json
     best_step = min(ev[1:3], key=lambda e: e["val_loss"])["step"]
     assert json.loads((out / "best" / "best.json").read_text()) == {
