@@ -33,7 +33,7 @@ from phi3v import Phi3V, Processor, cli, dist, memory
 from phi3v.checkpoint import (complete_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                               verify_checkpoint)
 from phi3v.data import JsonlDataset, StepBatchSampler, StepSampler, collate, to_device
-from phi3v.evaluate import evaluate, load_eval_records, write_predictions
+from phi3v.evaluate import evaluate, length_batches, load_eval_records, write_predictions
 from phi3v.finetune import prepare
 from phi3v.jsonfile import finite, json_line, write_atomic, write_text_atomic
 from phi3v.lora import load_adapter, merge_lora, save_adapter
@@ -937,12 +937,16 @@ class Best:
 
 
 def read_best(out: Path) -> dict | None:
-    """best/best.json (after finishing a swap a kill interrupted), or None."""
-    recover_best(out)
-    try:
-        return json.loads((out / BEST / BEST_JSON).read_text())
-    except (OSError, ValueError):
-        return None
+    """best/best.json, or None. Rank 0 first finishes a swap a kill interrupted (recover_best); the
+    other ranks do not touch the files and read the previous best where it lies meanwhile."""
+    if dist.is_main():
+        recover_best(out)
+    for d in (BEST, ".old-best"):
+        try:
+            return json.loads((out / d / BEST_JSON).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def recover_best(out: Path) -> None:
@@ -1047,8 +1051,7 @@ def validation_loss(cfg: TrainConfig, model: Phi3V, ds: JsonlDataset, n: int, pa
     training forward (`training_loss`) in eval mode (no dropout) without autograd, in micro-batches of
     similar lengths dealt round-robin to the ranks, summed over ranks. It draws from no global random
     stream (the loader has its own generator), so training continues exactly as without it."""
-    order = np.lexsort((np.arange(n), -ds.lengths[:n].astype(np.int64))).tolist()     # longest first
-    micro = [order[j:j + cfg.micro_batch_size] for j in range(0, n, cfg.micro_batch_size)]
+    micro = length_batches(ds.lengths[:n].tolist(), cfg.micro_batch_size)       # longest first
     loader = torch.utils.data.DataLoader(
         ds, batch_sampler=micro[dist.rank()::dist.world_size()],
         collate_fn=functools.partial(collate, pad_id=pad_id, pack=cfg.packing), num_workers=cfg.num_workers,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from .config import MAX_INPUT_ID, crop_grid_tokens, crop_grids
-from .index import ANSWER_SUFFIX, load_index, turn_prompt
+from .index import ANSWER_SUFFIX, image_file, load_index, turn_prompt
 from .processor import Processor
 from .schema import parse_line, validate_record
 
@@ -112,12 +112,6 @@ class JsonlDataset(torch.utils.data.Dataset):
         """(file:line, the parsed record) of sample i."""
         return self.where(i), self._parse(int(self.offsets[i]), int(self.nbytes[i]), int(self.lines[i]))
 
-    def image_path(self, rel: str, where: str) -> Path:
-        p = self.images_dir / rel
-        if not p.is_file():
-            raise ValueError(f"{where}: image {rel!r} not found (looked for {p})")
-        return p
-
     def __getitem__(self, i: int) -> dict | None:
         try:
             return self.build(i)
@@ -132,7 +126,8 @@ class JsonlDataset(torch.utils.data.Dataset):
         where, rec = self.record(i)
         ids, labels, pixels, sizes = [], [], [], []
         for turn in rec["conversations"]:
-            images = [load_image(self.image_path(rel, where), f"{where}: image {rel!r}") for rel in turn["images"]]
+            images = [load_image(image_file(self.images_dir, rel, where), f"{where}: image {rel!r}")
+                      for rel in turn["images"]]
             try:
                 enc = self.proc(turn_prompt(self.proc, turn), images or None)
             except ValueError as e:

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import dist
 from .data import load_image
+from .index import image_file, image_tokens
 from .jsonfile import write_text_atomic
 from .config import CROP
-from .processor import IMAGE_TAG, Processor, num_image_tokens, user_content
+from .processor import IMAGE_TAG, Processor, user_content
 from .schema import jsonl_lines, parse_line, validate_record
 
 
@@ -137,28 +137,16 @@ def eval_inputs(proc: Processor, rec: dict, images_dir: Path, where: str,
     return enc
 
 
-def image_file(images_dir: Path, rel: str, where: str) -> Path:
-    p = Path(images_dir) / rel
-    if not p.is_file():
-        raise ValueError(f"{where}: image {rel!r} not found (looked for {p})")
-    return p
-
-
 def prompt_length(proc: Processor, rec: dict, images_dir: Path, where: str) -> int:
     """The exact token count of `eval_inputs(...)["input_ids"]`, from the image headers (no pixel
     decoding) and the tokenizer, counted the way the processor builds the prompt."""
     prompt, rels = conversation_prompt(proc, rec)
     if not rels:
         return len(proc.encode(prompt, add_special_tokens=True))
-    counts = []
-    for rel in rels:
-        p = image_file(images_dir, rel, where)
-        try:
-            with Image.open(p) as im:
-                w, h = im.size
-            counts.append(num_image_tokens(w, h, proc.num_crops))
-        except Exception as e:
-            raise ValueError(f"{where}: cannot open image {rel!r}: {e}") from None
+    try:
+        counts = [image_tokens(images_dir, rel, proc.num_crops) for rel in rels]
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     # every chunk between tags is tokenized with its own BOS; tag k is image k's run of placeholders
     n = sum(len(proc.encode(chunk, add_special_tokens=True)) for chunk in IMAGE_TAG.split(prompt))
     tags = [int(t[len("<|image_"):-len("|>")]) for t in IMAGE_TAG.findall(prompt)]

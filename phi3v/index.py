@@ -59,6 +59,26 @@ def turn_prompt(proc: Processor, turn: dict) -> str:
     return proc.apply_chat_template([msg], add_generation_prompt=True)
 
 
+def image_file(images_dir: Path, rel: str, where: str | None = None) -> Path:
+    """`images_dir / rel`; ValueError (naming `where`, file:line) if there is no such file."""
+    p = Path(images_dir) / rel
+    if not p.is_file():
+        raise ValueError((f"{where}: " if where else "") + f"image {rel!r} not found (looked for {p})")
+    return p
+
+
+def image_tokens(images_dir: Path, rel: str, num_crops: int) -> int:
+    """An image's token count from its header (width, height) and num_crops, without decoding its
+    pixels; ValueError saying why not (missing, unreadable, a size the processor rejects)."""
+    p = image_file(images_dir, rel)
+    try:
+        with Image.open(p) as im:
+            w, h = im.size
+        return num_image_tokens(w, h, num_crops)
+    except Exception as e:    # PIL's own types for unreadable files; ValueError for bad geometry
+        raise ValueError(f"cannot open image {rel!r}: {e}") from None
+
+
 def default_cache_dir() -> Path:
     """`$PHI3V_CACHE`, else `~/.cache/phi3v`."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "phi3v")
@@ -146,15 +166,10 @@ class _Builder:
     def image_tokens(self, rel: str) -> int | str:
         n = self.images.get(rel)
         if n is None:
-            p = self.images_dir / rel
             try:
-                with Image.open(p) as im:
-                    w, h = im.size
-                n = num_image_tokens(w, h, self.proc.num_crops)
-            except FileNotFoundError:
-                n = f"image {rel!r} not found (looked for {p})"
-            except Exception as e:    # PIL's own types for unreadable files; ValueError for bad geometry
-                n = f"cannot open image {rel!r}: {e}"
+                n = image_tokens(self.images_dir, rel, self.proc.num_crops)
+            except ValueError as e:
+                n = str(e)
             self.images[rel] = n
         return n
 
